@@ -1,0 +1,1 @@
+"""Flower ServerApp: round loop, reply validation, aggregation, checkpoints and run records."""

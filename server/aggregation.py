@@ -1,0 +1,55 @@
+"""Server-side aggregation: uniform mean of item deltas, applied with FedAvg or FedAdam.
+
+Uniform weights: weighting by example counts would need devices to reveal their data size.
+FedAdam follows Reddi et al. 2021 ("Adaptive Federated Optimization"), with the mean
+delta as the pseudo-gradient step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from shared.model import ItemTables
+
+Delta = tuple[np.ndarray, np.ndarray]  # (embedding [n, d], bias [n])
+
+
+def mean_delta(deltas: Sequence[Delta]) -> Delta:
+    if not deltas:
+        raise ValueError("no deltas to aggregate")
+    emb = np.mean(np.stack([d[0] for d in deltas]), axis=0, dtype=np.float64)
+    bias = np.mean(np.stack([d[1] for d in deltas]), axis=0, dtype=np.float64)
+    return emb.astype(np.float32), bias.astype(np.float32)
+
+
+class ServerOptimizer:
+    """Applies the aggregated delta to the global item tables; its state is checkpointed."""
+
+    def __init__(self, kind: str, *, lr: float, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3) -> None:
+        if kind not in ("fedavg", "fedadam"):
+            raise ValueError(f"server optimizer '{kind}': expected fedavg or fedadam")
+        self.kind, self.lr, self.beta1, self.beta2, self.tau = kind, lr, beta1, beta2, tau
+        self.moments: dict[str, np.ndarray] = {}
+
+    def apply(self, tables: ItemTables, delta: Delta) -> ItemTables:
+        if self.kind == "fedavg":
+            return ItemTables(embedding=tables.embedding + self.lr * delta[0], bias=tables.bias + self.lr * delta[1])
+        steps = [self._adam_step(name, d) for name, d in (("embedding", delta[0]), ("bias", delta[1]))]
+        return ItemTables(embedding=(tables.embedding + steps[0]).astype(np.float32),
+                          bias=(tables.bias + steps[1]).astype(np.float32))
+
+    def _adam_step(self, name: str, delta: np.ndarray) -> np.ndarray:
+        m = self.moments.get(f"{name}.m", np.zeros_like(delta))
+        v = self.moments.get(f"{name}.v", np.full_like(delta, self.tau**2))
+        m = self.beta1 * m + (1 - self.beta1) * delta
+        v = self.beta2 * v + (1 - self.beta2) * delta**2
+        self.moments[f"{name}.m"], self.moments[f"{name}.v"] = m, v
+        return self.lr * m / (np.sqrt(v) + self.tau)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return dict(self.moments)
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.moments = {k: np.asarray(v) for k, v in state.items()}

@@ -1,0 +1,102 @@
+"""The run directory: config, append-only metrics and privacy ledger, checkpoint, summary."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from shared.config import ConfigError, RunConfig
+from shared.model import ItemTables
+from shared.state import atomic_write
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+LEDGER = "ledger.jsonl"
+CHECKPOINT = "checkpoint.npz"
+SUMMARY = "summary.json"
+# Settings that may differ when a run is resumed (everything else must match the original).
+RESUMABLE_CHANGES = {"rounds", "round-timeout", "node-wait-timeout", "out-dir", "final-eval-devices", "resume"}
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+@dataclass
+class Checkpoint:
+    server_round: int
+    tables: ItemTables
+    optimizer_state: dict[str, np.ndarray]
+    noise_multiplier: float
+
+
+class RunRecords:
+    """Everything the server writes about a run, under one directory."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def open(cls, config: RunConfig, *, resume: bool) -> RunRecords:
+        """Create a new run directory, or reopen one to resume (its config must match)."""
+        records = cls(Path(config.out_dir) if config.out_dir else default_run_dir())
+        stored = records.path / CONFIG
+        if stored.exists():
+            if not resume:
+                raise ConfigError(f"{records.path} already holds a run; resume it or choose another out-dir")
+            previous = RunConfig.load_json(stored).to_mapping()
+            changed = {k for k, v in config.to_mapping().items() if previous.get(k) != v} - RESUMABLE_CHANGES
+            if changed:
+                raise ConfigError(f"{stored}: cannot resume with different settings for {sorted(changed)}")
+        records.path.mkdir(parents=True, exist_ok=True)
+        atomic_write(stored, (json.dumps(config.to_mapping(), indent=2, sort_keys=True) + "\n").encode())
+        return records
+
+    def append(self, name: str, record: dict[str, Any]) -> None:
+        """Append one JSON line and fsync it, so a crash loses at most the line being written."""
+        with open(self.path / name, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def read_jsonl(self, name: str) -> list[dict[str, Any]]:
+        path = self.path / name
+        if not path.exists():
+            return []
+        lines = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                lines.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line torn by a crash ends the readable record
+        return lines
+
+    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, server_round=checkpoint.server_round, embedding=checkpoint.tables.embedding,
+                 bias=checkpoint.tables.bias, noise_multiplier=checkpoint.noise_multiplier,
+                 **{f"opt.{k}": v for k, v in checkpoint.optimizer_state.items()})
+        atomic_write(self.path / CHECKPOINT, buffer.getvalue())
+
+    def load_checkpoint(self) -> Checkpoint | None:
+        path = self.path / CHECKPOINT
+        if not path.exists():
+            return None
+        try:
+            with np.load(path) as data:
+                return Checkpoint(server_round=int(data["server_round"]),
+                                  tables=ItemTables(embedding=data["embedding"], bias=data["bias"]),
+                                  optimizer_state={k[4:]: data[k] for k in data.files if k.startswith("opt.")},
+                                  noise_multiplier=float(data["noise_multiplier"]))
+        except (OSError, ValueError, KeyError) as err:
+            raise ConfigError(f"{path}: unreadable checkpoint ({err})") from None
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write(self.path / SUMMARY, (json.dumps(summary, indent=2, sort_keys=False) + "\n").encode())

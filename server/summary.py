@@ -1,0 +1,78 @@
+"""The run's summary: model metrics, baselines on the same split, and the privacy spent per device."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from typing import Any
+
+from shared.baselines import CentralMFSettings, central_mf_metrics, popularity_metrics, random_metrics
+from shared.config import RunConfig
+from shared.data.population import Population, population_splits
+from shared.evaluation import METRIC_KEYS, evaluate_population
+from shared.model import ItemTables
+from shared.ranking import refit_user_rows
+
+from .records import LEDGER, RunRecords
+
+log = logging.getLogger("fedrec.server")
+
+NEIGHBOURING_RELATION = ("record level: two behaviour logs of one device are neighbours if they differ by one "
+                         "interaction (added or removed); epsilon bounds what everything the device ever sent "
+                         "reveals about any single interaction")
+
+
+def device_epsilons(records: RunRecords) -> tuple[dict[str, float], set[str], set[str]]:
+    """Latest reported cumulative epsilon per device, who trained, and who ever declined (from the ledger)."""
+    latest: dict[str, float] = {}
+    trained: set[str] = set()
+    declined: set[str] = set()
+    for entry in records.read_jsonl(LEDGER):
+        latest.update(entry.get("epsilon_reported", {}))
+        trained.update(entry.get("trained", []))
+        declined.update(entry.get("declined", []))
+    return latest, trained, declined
+
+
+def privacy_summary(config: RunConfig, records: RunRecords, noise_multiplier: float) -> dict[str, Any]:
+    latest, trained, declined = device_epsilons(records)
+    values = [latest[d] for d in sorted(trained) if d in latest]
+    record_level: dict[str, Any] = {
+        "delta": config.delta,
+        "epsilon_max": max(values) if values and config.dp else (None if not config.dp else 0.0),
+        "epsilon_median": statistics.median(values) if values and config.dp else (None if not config.dp else 0.0),
+        "budget": config.epsilon_budget if config.dp else None,
+        "devices_declined": len(declined),
+        "devices_trained": len(trained),
+        "noise_multiplier": noise_multiplier if config.dp else None,
+        "sample_rate": config.sample_rate,
+        "clip_norm": config.clip_norm,
+        "local_steps_per_round": config.local_steps,
+        "accountant": "RDP (Opacus; Mironov et al. 2019), conversion of Balle et al. 2020",
+        "neighbouring_relation": NEIGHBOURING_RELATION,
+        "median_over": "devices that trained at least once",
+    }
+    if not config.dp:
+        record_level["note"] = "DP disabled: updates are not private (epsilon is infinite)"
+    return {"record_level": record_level}
+
+
+def reference_metrics(config: RunConfig, population: Population, tables: ItemTables) -> dict[str, Any]:
+    """Simulation only: the federated model and the baselines evaluated centrally over every device.
+
+    Ranking uses each device's on-device re-fit, so these are the numbers the devices would
+    compute themselves; the simulation can see all data, a deployment's server cannot.
+    """
+    splits = population_splits(population)
+    n = population.num_items
+    log.info("evaluating the federated model and baselines on all %d devices", len(splits))
+    rows = refit_user_rows(tables, splits, l2=config.refit_l2)
+    blocks = {
+        "model": evaluate_population(lambda idx: tables.scores(rows[idx]), splits, n, sampled_seed=config.seed),
+        "random": random_metrics(splits, n, seed=config.seed),
+        "popularity": popularity_metrics(splits, n, seed=config.seed),
+        "central_mf": central_mf_metrics(splits, n, CentralMFSettings(dim=config.embedding_dim), seed=config.seed),
+    }
+    headline = {name: {k: block[k] for k in METRIC_KEYS} for name, block in blocks.items()}
+    sampled = {name: {k: v for k, v in block.items() if k.startswith("sampled_")} for name, block in blocks.items()}
+    return {"metrics": headline.pop("model"), "baselines": headline, "sampled_protocol": sampled}

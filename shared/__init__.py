@@ -1,0 +1,1 @@
+"""Pure ML and privacy code shared by devices and server (no Flower imports)."""

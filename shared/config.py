@@ -1,0 +1,184 @@
+"""Typed, frozen run configuration, parsed once from a flat kebab-case mapping."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+AUTO = "auto"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or out of range."""
+
+
+def _opt(default: Any, help: str, **rules: Any) -> Any:
+    return field(default=default, metadata={"help": help, **rules})
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every setting of a run. Keys are the field names in kebab-case (``local-lr``).
+
+    The defaults here are the single source of truth; ``[tool.flwr.app.config]`` in
+    pyproject.toml repeats them for ``flwr run`` (a test keeps the two equal).
+    """
+
+    # --- data -------------------------------------------------------------------
+    dataset: str = _opt("synthetic", "data source: synthetic | prepared | movielens | taobao | retailrocket | counts | csv",
+                        choices=("synthetic", "prepared", "movielens", "taobao", "retailrocket", "counts", "csv"))
+    data_path: str = _opt("", "file or folder of the data set (not used for synthetic)")
+    devices: int = _opt(500, "number of simulated devices (synthetic population size; for real data a seeded "
+                             "random subset of users, 0 = all)", min=0)
+    synthetic_items: int = _opt(1000, "synthetic catalogue size", min=10)
+    synthetic_topics: int = _opt(30, "number of planted taste topics in the synthetic data", min=1)
+    synthetic_mean_events: int = _opt(60, "mean number of events per synthetic device", min=5)
+    synthetic_popularity_skew: float = _opt(1.1, "Zipf exponent of synthetic item popularity", min=0.0)
+    synthetic_taste_share: float = _opt(0.9, "share of a synthetic device's picks driven by its favourite topics "
+                                             "(the rest follow global popularity)", min=0.0, max=1.0)
+    seed: int = _opt(42, "seed of every random choice in the run", min=0)
+
+    # --- model --------------------------------------------------------------------
+    embedding_dim: int = _opt(8, "dimension of user and item embeddings", min=1)
+    num_negatives: int = _opt(16, "negative items sampled from the public catalogue per positive", min=1)
+    init_scale: float = _opt(0.1, "standard deviation of the initial embeddings", min_exclusive=0.0)
+
+    # --- federation -----------------------------------------------------------------
+    rounds: int = _opt(30, "number of federated training rounds", min=1)
+    devices_per_round: int = _opt(100, "devices sampled for training in each round", min=1)
+    round_timeout: float = _opt(600.0, "seconds to wait for the replies of one round", min_exclusive=0.0)
+    node_wait_timeout: float = _opt(120.0, "seconds to wait for enough devices to come online", min_exclusive=0.0)
+
+    # --- local training ---------------------------------------------------------------
+    local_steps: int = _opt(1, "DP-SGD steps a device takes per round", min=1)
+    sample_rate: float = _opt(1.0, "Poisson sampling rate q of a device's interactions per step", min_exclusive=0.0, max=1.0)
+    local_lr: float = _opt(0.5, "learning rate for the item tables on the device", min_exclusive=0.0)
+    user_lr: float = _opt(0.1, "learning rate for the device's own user row", min=0.0)
+
+    # --- privacy ----------------------------------------------------------------------
+    dp: bool = _opt(True, "record-level differential privacy on every device (DP-SGD with Opacus)")
+    noise_multiplier: float | str = _opt(AUTO, "DP-SGD noise multiplier sigma, or 'auto' to calibrate it to the "
+                                               "epsilon budget from the expected participation", auto_ok=True, min_exclusive=0.0)
+    clip_norm: float = _opt(1.0, "per-example gradient clipping bound C", min_exclusive=0.0)
+    delta: float = _opt(1e-5, "delta of the per-device (epsilon, delta) guarantee", min_exclusive=0.0, max_exclusive=1.0)
+    epsilon_budget: float = _opt(8.0, "per-device epsilon budget; a device declines a round that would exceed it",
+                                 min_exclusive=0.0)
+    grad_sample_mode: str = _opt(AUTO, "Opacus per-sample gradients: hooks | ghost | auto (ghost for large catalogues)",
+                                 choices=("hooks", "ghost", AUTO))
+
+    # --- server -----------------------------------------------------------------------
+    server_optimizer: str = _opt("fedavg", "how the server applies the mean item delta: fedavg | fedadam",
+                                 choices=("fedavg", "fedadam"))
+    server_lr: float = _opt(1.0, "server learning rate on the mean item delta", min_exclusive=0.0)
+    server_beta1: float = _opt(0.9, "FedAdam first-moment decay", min=0.0, max_exclusive=1.0)
+    server_beta2: float = _opt(0.99, "FedAdam second-moment decay", min=0.0, max_exclusive=1.0)
+    server_tau: float = _opt(1e-3, "FedAdam adaptivity (epsilon in the denominator)", min_exclusive=0.0)
+
+    # --- evaluation -------------------------------------------------------------------
+    eval_every: int = _opt(10, "federated evaluation every N rounds (and always after the last)", min=1)
+    eval_devices: int = _opt(100, "devices sampled for a federated evaluation round (0 = all)", min=0)
+    final_eval_devices: int = _opt(0, "devices in the evaluation after the last round (0 = all)", min=0)
+    refit_l2: float = _opt(1.0, "ridge penalty of the on-device user re-fit used for ranking", min_exclusive=0.0)
+
+    # --- output -----------------------------------------------------------------------
+    out_dir: str = _opt("", "run directory (default runs/<timestamp>)")
+    state_dir: str = _opt("", "folder for device state files in simulation ('' keeps state in Flower's Context)")
+    resume: bool = _opt(False, "continue the run in out-dir from its last checkpoint")
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            _check_rules(f, getattr(self, f.name))
+        if self.dataset != "synthetic" and not self.data_path:
+            raise ConfigError(f"data-path: dataset '{self.dataset}' needs a data-path (a file or folder)")
+
+    # -- conversion --------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], *, source: str = "run config") -> RunConfig:
+        """Parse a flat kebab-case mapping; unknown keys and bad values raise ConfigError."""
+        fields = {_key(f.name): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - set(fields))
+        if unknown:
+            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(fields)}")
+        values = {fields[k].name: _coerce(fields[k], k, v, source) for k, v in mapping.items()}
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def load_json(cls, path: Path) -> RunConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"{path}: cannot read run config ({err})") from None
+        return cls.from_mapping(data, source=str(path))
+
+    @classmethod
+    def help_texts(cls) -> dict[str, str]:
+        return {_key(f.name): f.metadata["help"] for f in dataclasses.fields(cls)}
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(f: dataclasses.Field, key: str, value: Any, source: str) -> Any:
+    """Turn CLI strings and TOML values into the field's type, or raise naming the key."""
+    default = f.default
+    if f.metadata.get("auto_ok") and isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.strip().lower() in ("true", "1", "yes")
+            raise ValueError
+        if isinstance(default, int) and not isinstance(default, bool):
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float) or f.metadata.get("auto_ok"):
+            if isinstance(value, bool):
+                raise ValueError
+            number = float(value)
+            if not math.isfinite(number):
+                raise ValueError
+            return number
+        if isinstance(default, str):
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+    except (TypeError, ValueError):
+        pass
+    expected = type(default).__name__ if not f.metadata.get("auto_ok") else "a number or 'auto'"
+    raise ConfigError(f"{source}: {key}={value!r} is not a valid {expected}")
+
+
+def _check_rules(f: dataclasses.Field, value: Any) -> None:
+    key, rules = _key(f.name), f.metadata
+    if value == AUTO and rules.get("auto_ok"):
+        return
+    if "choices" in rules and value not in rules["choices"]:
+        raise ConfigError(f"{key}={value!r}: expected one of {list(rules['choices'])}")
+    if "min" in rules and value < rules["min"]:
+        raise ConfigError(f"{key}={value!r}: must be >= {rules['min']}")
+    if "min_exclusive" in rules and value <= rules["min_exclusive"]:
+        raise ConfigError(f"{key}={value!r}: must be > {rules['min_exclusive']}")
+    if "max" in rules and value > rules["max"]:
+        raise ConfigError(f"{key}={value!r}: must be <= {rules['max']}")
+    if "max_exclusive" in rules and value >= rules["max_exclusive"]:
+        raise ConfigError(f"{key}={value!r}: must be < {rules['max_exclusive']}")

@@ -1,0 +1,1 @@
+"""Behaviour data: containers, synthetic generator, loaders, splits and per-device partitions."""

@@ -1,0 +1,98 @@
+"""Matrix factorisation with a named split: local user rows, global item embeddings and biases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ItemTables:
+    """The global item model: what the server sends and aggregates (public catalogue order)."""
+
+    embedding: np.ndarray  # float32 [num_items, dim]
+    bias: np.ndarray  # float32 [num_items]
+
+    def __post_init__(self) -> None:
+        if self.embedding.ndim != 2 or self.bias.shape != (self.embedding.shape[0],):
+            raise ValueError(f"item tables: embedding {self.embedding.shape} and bias {self.bias.shape} do not match")
+
+    @property
+    def num_items(self) -> int:
+        return self.embedding.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.embedding.shape[1]
+
+    @classmethod
+    def initial(cls, num_items: int, dim: int, *, scale: float, rng: np.random.Generator) -> ItemTables:
+        return cls(embedding=(rng.standard_normal((num_items, dim)) * scale).astype(np.float32),
+                   bias=np.zeros(num_items, dtype=np.float32))
+
+    def scores(self, user_rows: np.ndarray) -> np.ndarray:
+        """Scores [num_users, num_items] for a block of user rows [num_users, dim]."""
+        return user_rows @ self.embedding.T + self.bias
+
+
+def initial_user_row(dim: int, *, scale: float, rng: np.random.Generator) -> np.ndarray:
+    return (rng.standard_normal(dim) * scale).astype(np.float32)
+
+
+class MatrixFactorization(nn.Module):
+    """Implicit-feedback MF over users and item-table copies: score(u, i) = <p_u, q_{c(u), i}> + b_{c(u), i}.
+
+    ``item_copies=1``: all users share one item table (central training).
+    ``item_copies=num_users``: user u trains its own copy of the item tables, at rows
+    ``u * num_items + i`` (one device, or a cohort of devices trained in one DP pass).
+    """
+
+    def __init__(self, user_rows: torch.Tensor, item_embedding: torch.Tensor, item_bias: torch.Tensor,
+                 *, num_items: int) -> None:
+        super().__init__()
+        self.num_items = num_items
+        self.item_copies = item_embedding.shape[0] // num_items
+        if self.item_copies not in (1, user_rows.shape[0]) or item_embedding.shape[0] % num_items:
+            raise ValueError(f"item table rows {item_embedding.shape[0]} must be num_items ({num_items}) "
+                             f"times 1 or the number of users ({user_rows.shape[0]})")
+        self.user = nn.Embedding.from_pretrained(user_rows.clone(), freeze=False)
+        self.item_embedding = nn.Embedding.from_pretrained(item_embedding.clone(), freeze=False)
+        self.item_bias = nn.Embedding.from_pretrained(item_bias.reshape(-1, 1).clone(), freeze=False)
+
+    def local_parameters(self) -> list[nn.Parameter]:
+        """Parameters that never leave the device."""
+        return [self.user.weight]
+
+    def global_parameters(self) -> list[nn.Parameter]:
+        """Parameters whose update is sent to the server."""
+        return [self.item_embedding.weight, self.item_bias.weight]
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Logits [B, L] for users [B] and item ids [B, L]; one lookup per table (ghost clipping needs it)."""
+        rows = items if self.item_copies == 1 else users[:, None] * self.num_items + items
+        p = self.user(users)
+        q = self.item_embedding(rows)
+        b = self.item_bias(rows).squeeze(-1)
+        return torch.einsum("bd,bld->bl", p, q) + b
+
+
+class SampledSoftmaxLoss(nn.Module):
+    """Weighted cross-entropy of the positive (column 0) against its sampled negatives.
+
+    Has a ``reduction`` attribute so Opacus ghost clipping can ask for per-example losses.
+    """
+
+    def __init__(self, reduction: str = "sum") -> None:
+        super().__init__()
+        self.reduction = reduction
+
+    def forward(self, logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        per_example = -torch.log_softmax(logits, dim=1)[:, 0] * weights
+        if self.reduction == "none":
+            return per_example
+        if self.reduction == "sum":
+            return per_example.sum()
+        return per_example.mean()

@@ -1,0 +1,1 @@
+"""Privacy accounting for record-level (device) and user-level (central) DP."""

@@ -1,0 +1,101 @@
+"""A device's persistent state: user row and privacy history, serialised with a checksum, written atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .privacy.accounting import HistoryEntry, normalize_history
+
+STATE_FORMAT = 1
+
+
+class StateError(RuntimeError):
+    """Stored device state is unreadable or corrupt; the device must not train from a reset budget."""
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """What a device keeps between rounds. Only `rounds` and `history` are ever reported (as epsilon)."""
+
+    device_id: str
+    user_row: np.ndarray | None = None  # float32 [dim]; None until the first round
+    history: tuple[HistoryEntry, ...] = ()
+    rounds: tuple[int, ...] = ()  # server rounds this device trained in
+    declined: tuple[int, ...] = field(default=())  # server rounds it declined for budget
+
+    def to_bytes(self) -> bytes:
+        payload = {
+            "format": STATE_FORMAT,
+            "device_id": self.device_id,
+            "user_row": None if self.user_row is None else [float(x) for x in self.user_row],
+            "history": [list(h) for h in self.history],
+            "rounds": list(self.rounds),
+            "declined": list(self.declined),
+        }
+        body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        return json.dumps({"sha256": hashlib.sha256(body.encode()).hexdigest(), "state": payload},
+                          sort_keys=True).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes, *, source: str) -> DeviceState:
+        try:
+            doc = json.loads(raw.decode("utf-8"))
+            payload = doc["state"]
+            body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+            if hashlib.sha256(body.encode()).hexdigest() != doc["sha256"]:
+                raise StateError(f"{source}: checksum mismatch (the file was modified or truncated)")
+            if payload["format"] != STATE_FORMAT:
+                raise StateError(f"{source}: state format {payload['format']} is not {STATE_FORMAT}")
+            row = payload["user_row"]
+            return cls(device_id=str(payload["device_id"]),
+                       user_row=None if row is None else np.asarray(row, dtype=np.float32),
+                       history=tuple(normalize_history(payload["history"])),
+                       rounds=tuple(int(r) for r in payload["rounds"]),
+                       declined=tuple(int(r) for r in payload["declined"]))
+        except StateError:
+            raise
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+            raise StateError(f"{source}: unreadable device state ({type(err).__name__}: {err}); refusing to "
+                             "train, since starting over would reset the privacy budget") from None
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, flush to disk, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FileStateStore:
+    """Device state in one file (deployment: under the node's state-path; simulation: under the run)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def load(self) -> DeviceState | None:
+        try:
+            raw = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            raise StateError(f"{self.path}: cannot read device state ({err})") from None
+        return DeviceState.from_bytes(raw, source=str(self.path))
+
+    def save(self, state: DeviceState) -> None:
+        atomic_write(self.path, state.to_bytes())

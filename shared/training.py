@@ -1,0 +1,210 @@
+"""Local training of one device (or a cohort of devices in one pass) with Opacus DP-SGD.
+
+A round of local training, for each device k in the cohort:
+  1. restore its user row and its privacy history, take the received item tables;
+  2. for each of the round's steps: Poisson-sample its interactions with rate q, pair each
+     sampled positive with negatives drawn from the public catalogue, and take one DP-SGD
+     step (per-example clipping to C over user row AND item tables, Gaussian noise
+     N(0, (sigma*C)^2) on every coordinate, summed loss: no division by the private data size);
+  3. return the new user row (stays on the device), the item-table delta (sent), and the
+     history with the round's steps appended.
+Device k's copy of the item tables sits at rows k*num_items..(k+1)*num_items of one
+stacked table, so every example only touches its own device's rows: clipping, noise and
+accounting are exactly those of K separate runs.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+from .model import ItemTables, MatrixFactorization, SampledSoftmaxLoss
+from .privacy.accounting import HistoryEntry
+
+# Dense per-sample item gradients cost batch * rows * dim floats; above this, use ghost clipping.
+HOOKS_MEMORY_LIMIT_BYTES = 256 * 2**20
+
+
+class PlanError(ValueError):
+    """A round plan from the server is missing a key or holds an invalid value."""
+
+
+@dataclass(frozen=True)
+class LocalTrainingPlan:
+    """What the server fixes for one round of local training; sent in every train message."""
+
+    server_round: int
+    lr: float
+    user_lr: float
+    steps: int
+    sample_rate: float
+    num_negatives: int
+    dp: bool
+    noise_multiplier: float
+    clip_norm: float
+    delta: float
+    grad_sample_mode: str
+
+    def __post_init__(self) -> None:
+        checks = {
+            "server_round": self.server_round >= 1, "lr": self.lr > 0, "user_lr": self.user_lr >= 0,
+            "steps": self.steps >= 1, "sample_rate": 0 < self.sample_rate <= 1, "num_negatives": self.num_negatives >= 1,
+            "noise_multiplier": self.noise_multiplier > 0 or not self.dp, "clip_norm": self.clip_norm > 0,
+            "delta": 0 < self.delta < 1, "grad_sample_mode": self.grad_sample_mode in ("hooks", "ghost", "auto"),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise PlanError(f"round plan: {name}={getattr(self, name)!r} is out of range")
+
+    def to_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LocalTrainingPlan:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.name.replace("_", "-")
+            if key not in config:
+                raise PlanError(f"round plan: missing key '{key}'")
+            value = config[key]
+            kind = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+            if kind is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                raise PlanError(f"round plan: '{key}'={value!r} should be {kind.__name__}")
+            values[f.name] = value
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class DeviceTrainingData:
+    """One device's training interactions and its deterministic randomness for this round."""
+
+    items: np.ndarray  # int64 [n]
+    weights: np.ndarray  # float32 [n]
+    seed: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class CohortUpdate:
+    """Result of local training for K devices (row k belongs to device k)."""
+
+    user_rows: np.ndarray  # [K, dim]  stays on the device
+    embedding_delta: np.ndarray  # [K, num_items, dim]  sent
+    bias_delta: np.ndarray  # [K, num_items]  sent
+    histories: list[list[HistoryEntry]]
+    examples_used: np.ndarray  # [K] sampled examples per device (local diagnostics only, never sent)
+
+
+def choose_grad_sample_mode(requested: str, *, batch: int, rows: int, dim: int) -> str:
+    if requested != "auto":
+        return requested
+    dense_bytes = 4 * batch * rows * (dim + 1)
+    return "ghost" if dense_bytes > HOOKS_MEMORY_LIMIT_BYTES else "hooks"
+
+
+def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarray,
+                 data: Sequence[DeviceTrainingData], histories: Sequence[Sequence[HistoryEntry]],
+                 *, noise_seed: int) -> CohortUpdate:
+    """Run one round of local training for the devices in `data` against the same item tables."""
+    k_devices, n_items = len(data), items.num_items
+    if user_rows.shape != (k_devices, items.dim):
+        raise ValueError(f"user rows {user_rows.shape} do not match {k_devices} devices of dim {items.dim}")
+    model = MatrixFactorization(
+        torch.from_numpy(np.ascontiguousarray(user_rows, dtype=np.float32)),
+        torch.from_numpy(np.tile(items.embedding, (k_devices, 1))),
+        torch.from_numpy(np.tile(items.bias, k_devices)),
+        num_items=n_items,
+    )
+    optimizer = torch.optim.SGD([{"params": model.local_parameters(), "lr": plan.user_lr},
+                                 {"params": model.global_parameters(), "lr": plan.lr}])
+    criterion = SampledSoftmaxLoss(reduction="sum")
+    accountants = [RDPAccountant() for _ in data]
+    for accountant, history in zip(accountants, histories):
+        accountant.history = [tuple(h) for h in history]
+    module: torch.nn.Module = model
+    if plan.dp:
+        expected_batch = max(int(plan.sample_rate * sum(len(d.items) for d in data)), 1)
+        mode = choose_grad_sample_mode(plan.grad_sample_mode, batch=expected_batch, rows=k_devices * n_items,
+                                       dim=items.dim)
+        module, optimizer, criterion = _make_private(model, optimizer, criterion, plan=plan, mode=mode,
+                                                     noise_seed=noise_seed)
+
+        def account(_: Any) -> None:
+            for accountant in accountants:
+                accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
+
+        optimizer.attach_step_hook(account)
+
+    generators = [torch.Generator().manual_seed(_seed_int(d.seed)) for d in data]
+    positives = [torch.from_numpy(d.items.astype(np.int64)) for d in data]
+    weights = [torch.from_numpy(d.weights.astype(np.float32)) for d in data]
+    examples_used = np.zeros(k_devices, dtype=np.int64)
+    for _ in range(plan.steps):
+        users, batch_items, batch_weights = _sample_step(plan, positives, weights, generators, n_items)
+        examples_used += np.bincount(users.numpy(), minlength=k_devices)
+        optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():
+            # Opacus's backward hooks see integer ids as inputs; torch warns that they need no gradient.
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            loss = criterion(module(users, batch_items), batch_weights)
+            loss.backward()
+        optimizer.step()
+
+    new_users = model.user.weight.detach().numpy().copy()
+    emb = model.item_embedding.weight.detach().numpy().reshape(k_devices, n_items, items.dim)
+    bias = model.item_bias.weight.detach().numpy().reshape(k_devices, n_items)
+    return CohortUpdate(user_rows=new_users, embedding_delta=emb - items.embedding[None],
+                        bias_delta=bias - items.bias[None],
+                        histories=[list(a.history) for a in accountants], examples_used=examples_used)
+
+
+def _make_private(model: MatrixFactorization, optimizer: torch.optim.Optimizer, criterion: SampledSoftmaxLoss,
+                  *, plan: LocalTrainingPlan, mode: str, noise_seed: int) -> tuple[Any, Any, Any]:
+    """Wrap model, optimizer and loss as Opacus's PrivacyEngine.make_private does, with the server's exact q.
+
+    (make_private derives q from the data loader's length; the server fixes q instead, so
+    the same Opacus pieces are assembled here and the accountant is stepped with that q.)
+    """
+    generator = torch.Generator().manual_seed(noise_seed)
+    if mode == "ghost":
+        module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum",
+                                                      max_grad_norm=plan.clip_norm, use_ghost_clipping=True)
+        dp_optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=plan.noise_multiplier,
+                                                       max_grad_norm=plan.clip_norm, expected_batch_size=None,
+                                                       loss_reduction="sum", generator=generator)
+        dp_criterion = DPLossFastGradientClipping(module, dp_optimizer, criterion, loss_reduction="sum")
+        return module, dp_optimizer, dp_criterion
+    module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip_norm,
+                               expected_batch_size=None, loss_reduction="sum", generator=generator)
+    return module, dp_optimizer, criterion
+
+
+def _sample_step(plan: LocalTrainingPlan, positives: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
+                 generators: Sequence[torch.Generator],
+                 n_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Poisson-sample each device's interactions (rate q) and attach uniform catalogue negatives."""
+    users, items, ws = [], [], []
+    for k, (pos, w, gen) in enumerate(zip(positives, weights, generators)):
+        # Draw for every example so each device's random stream is independent of the cohort.
+        keep = torch.rand(len(pos), generator=gen) < plan.sample_rate
+        negatives = torch.randint(n_items, (len(pos), plan.num_negatives), generator=gen)
+        chosen = torch.cat([pos[:, None], negatives], dim=1)[keep]
+        users.append(torch.full((len(chosen),), k, dtype=torch.int64))
+        items.append(chosen)
+        ws.append(w[keep])
+    return torch.cat(users), torch.cat(items), torch.cat(ws)
+
+
+def _seed_int(seed: tuple[int, ...]) -> int:
+    return int(np.random.SeedSequence(list(seed)).generate_state(1, dtype=np.uint64)[0] >> 1)

@@ -1,0 +1,151 @@
+"""The `fedrec` command: simulate, prepare (and the subcommands of later modules)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from shared.config import ConfigError, RunConfig
+from shared.data.interactions import DataError
+from shared.state import StateError
+
+log = logging.getLogger("fedrec")
+
+# Flags of `fedrec simulate` and the run-config keys they set.
+SIMULATE_FLAGS = {"dataset": "dataset", "data_path": "data-path", "rounds": "rounds", "devices": "devices",
+                  "devices_per_round": "devices-per-round", "noise_multiplier": "noise-multiplier",
+                  "epsilon_budget": "epsilon-budget", "seed": "seed", "out": "out-dir"}
+
+
+def parse_run_config(values: Sequence[str]) -> dict[str, Any]:
+    """`--run-config` values: TOML files (flat, or with [tool.flwr.app.config]) or inline `key=value` pairs."""
+    out: dict[str, Any] = {}
+    for value in values:
+        path = Path(value)
+        if path.is_file():
+            try:
+                doc = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (OSError, tomllib.TOMLDecodeError) as err:
+                raise ConfigError(f"{path}: not a readable TOML file ({err})") from None
+            out.update(doc.get("tool", {}).get("flwr", {}).get("app", {}).get("config", doc))
+            continue
+        for pair in value.split():
+            key, sep, raw = pair.partition("=")
+            if not sep or not key:
+                raise ConfigError(f"--run-config: '{pair}' is neither a file nor key=value")
+            try:
+                out[key.strip()] = tomllib.loads(f"v = {raw}")["v"]
+            except tomllib.TOMLDecodeError:
+                out[key.strip()] = raw
+    return out
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    if args.resume:
+        if not args.out:
+            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+        mapping = RunConfig.load_json(Path(args.out) / "config.json").to_mapping()
+    else:
+        mapping = {}
+    mapping.update(parse_run_config(args.run_config or []))
+    for attr, key in SIMULATE_FLAGS.items():
+        if getattr(args, attr) is not None:
+            mapping[key] = getattr(args, attr)
+    if args.no_dp:
+        mapping["dp"] = False
+    mapping["resume"] = bool(args.resume)
+    if not mapping.get("out-dir"):
+        from server.records import default_run_dir
+
+        mapping["out-dir"] = str(default_run_dir())
+    return RunConfig.from_mapping(mapping, source="fedrec simulate")
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from .runner import format_table, simulate
+
+    summary = simulate(config_from_args(args), verbose=args.verbose)
+    print(format_table(summary))
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from shared.data.loaders import LOADERS
+    from shared.data.prepare import prepare_log
+
+    if args.dataset not in LOADERS:
+        raise ConfigError(f"--dataset {args.dataset}: expected one of {sorted(LOADERS)}")
+    stats = prepare_log(LOADERS[args.dataset](Path(args.data_path)), Path(args.out), dataset=args.dataset)
+    print(f"prepared {stats['devices']} devices, {stats['items']} items, {stats['events']} events in {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedrec", description="Federated recommender with differential privacy.")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", "-v", action="store_true", help="also show Flower's and Ray's logs")
+    sub = parser.add_subparsers(dest="command", required=True)
+    help_of = RunConfig.help_texts()
+
+    sim = sub.add_parser("simulate", parents=[common], help="run a federated simulation and print the result table")
+    sim.add_argument("--dataset", help=help_of["dataset"])
+    sim.add_argument("--data-path", help=help_of["data-path"])
+    sim.add_argument("--rounds", type=int, help=help_of["rounds"])
+    sim.add_argument("--devices", type=int, help=help_of["devices"])
+    sim.add_argument("--devices-per-round", type=int, help=help_of["devices-per-round"])
+    sim.add_argument("--no-dp", action="store_true", help="train without differential privacy (baseline)")
+    sim.add_argument("--noise-multiplier", help=help_of["noise-multiplier"])
+    sim.add_argument("--epsilon-budget", type=float, help=help_of["epsilon-budget"])
+    sim.add_argument("--seed", type=int, help=help_of["seed"])
+    sim.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    sim.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS",
+                     help="more settings: a TOML file or 'key=value key=value' (keys as in pyproject.toml)")
+    sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    sim.set_defaults(func=cmd_simulate)
+
+    prep = sub.add_parser("prepare", parents=[common], help="turn a raw data set into per-device partitions and a catalogue")
+    prep.add_argument("--dataset", required=True, help="movielens")
+    prep.add_argument("--data-path", required=True, help="file or folder of the raw data set")
+    prep.add_argument("--out", required=True, help="folder to write")
+    prep.set_defaults(func=cmd_prepare)
+    return parser
+
+
+class _DropDeprecationNotice(logging.Filter):
+    """Flower marks the Python simulation API deprecated; `fedrec simulate` uses it on purpose (no SuperLink)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def configure_logging(verbose: bool) -> None:
+    """Our progress goes to stderr through the 'fedrec' logger; other libraries keep their own settings."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    ours = logging.getLogger("fedrec")
+    ours.handlers[:] = [handler]
+    ours.setLevel(logging.DEBUG if verbose else logging.INFO)
+    ours.propagate = False
+    logging.getLogger("flwr").addFilter(_DropDeprecationNotice())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, StateError) as err:
+        log.error("%s", err)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

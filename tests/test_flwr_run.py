@@ -1,0 +1,76 @@
+"""`flwr run .` on a local simulation SuperLink, isolated: its own FLWR_HOME, no remote connection, stopped after."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_ONLY = '[superlink]\ndefault = "local-simulation"\n\n[superlink.local-simulation]\naddress = ":local:"\n'
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs whose command line mentions `text`, with all their descendants (the SuperLink's executor)."""
+    rows = [line.split(None, 2) for line in
+            subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()]
+    found = {int(pid) for pid, _, args in (r for r in rows if len(r) == 3) if text in args} - {os.getpid()}
+    while True:
+        children = {int(r[0]) for r in rows if len(r) >= 2 and int(r[1]) in found} - found
+        if not children:
+            return sorted(found)
+        found |= children
+
+
+def test_flwr_run_on_local_simulation(tmp_path):
+    home = tmp_path / "flwr-home"
+    home.mkdir()
+    (home / "config.toml").write_text(LOCAL_ONLY)  # only a local connection exists to be chosen
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+    run_dir = tmp_path / "run"
+    flwr = Path(sys.executable).with_name("flwr")
+    command = [str(flwr), "run", str(ROOT), "local-simulation", "--stream",
+               "--run-config", f'devices=8 rounds=2 devices-per-round=4 synthetic-items=60 embedding-dim=4 '
+                               f'out-dir="{run_dir}"',
+               "--federation-config", "num-supernodes=8"]
+    try:
+        result = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert (run_dir / "summary.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
+        summary = json.loads((run_dir / "summary.json").read_text())
+        assert summary["devices"] == 8 and summary["rounds"] == 2 and summary["dp"] is True
+        assert [json.loads(line)["round"] for line in (run_dir / "ledger.jsonl").read_text().splitlines()] == [1, 2]
+    finally:
+        # `flwr run` leaves its local SuperLink running in the background: stop it (and its executor) by PID.
+        stop(processes_mentioning(str(home)))
+        assert processes_mentioning(str(home)) == []
+
+
+def stop(pids: list[int], grace: float = 10.0) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat")
+    return not (state.exists() and state.read_text().split(") ", 1)[1].startswith("Z"))

@@ -1,0 +1,146 @@
+"""End to end through the real Flower app in the simulation engine: run, resume, bad replies, audit of epsilon."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shared.evaluation import METRIC_KEYS
+from simulation.runner import simulate
+from tests.test_accounting import independent_epsilon
+
+pytestmark = pytest.mark.e2e
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def ray_processes() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
+    return [line for line in out if "raylet" in line or "gcs_server" in line or line.startswith("ray::")]
+
+
+def wait_until_no_ray(timeout: float = 20.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while (left := ray_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    from shared.config import RunConfig
+
+    root = tmp_path_factory.mktemp("e2e")
+    config = RunConfig(devices=24, synthetic_items=60, synthetic_topics=4, synthetic_mean_events=12,
+                       embedding_dim=4, num_negatives=4, rounds=3, devices_per_round=8, eval_every=2,
+                       eval_devices=8, epsilon_budget=4.0, out_dir=str(root / "run"))
+    summary = simulate(config)
+    return config, summary, Path(config.out_dir)
+
+
+def test_run_directory_and_summary(finished_run):
+    config, summary, run_dir = finished_run
+    assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.jsonl", "ledger.jsonl",
+                                                    "checkpoint.npz", "summary.json", "device-state"}
+    assert summary["dataset"] == "synthetic" and summary["devices"] == 24 and summary["rounds"] == 3
+    assert summary["dp"] is True
+    for block in [summary["metrics"], *summary["baselines"].values()]:
+        assert list(block) == list(METRIC_KEYS)
+        assert all(0.0 <= v <= 1.0 for v in block.values())
+    assert set(summary["baselines"]) == {"random", "popularity", "central_mf"}
+    privacy = summary["privacy"]["record_level"]
+    assert 0 < privacy["epsilon_median"] <= privacy["epsilon_max"] <= privacy["budget"] == 4.0
+    assert privacy["delta"] == config.delta
+    train_lines = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["kind"] == "train"]
+    assert [m["round"] for m in train_lines] == [1, 2, 3]
+    assert all(m["trained"] + m["declined"] == 8 for m in train_lines)
+
+
+def test_federated_evaluation_equals_the_central_one(finished_run):
+    """Every device evaluated itself in the final round; the summary recomputed it centrally."""
+    _, summary, _ = finished_run
+    assert summary["federated_eval"]["devices"] == 24
+    for key in ("hr@10", "ndcg@10", "recall@20"):
+        assert summary["federated_eval"][key] == pytest.approx(summary["metrics"][key], abs=1e-9)
+
+
+def test_reported_epsilon_equals_an_independent_recomputation(finished_run):
+    _, _, run_dir = finished_run
+    ledger = read_jsonl(run_dir / "ledger.jsonl")
+    histories: dict[str, list] = {}
+    reported: dict[str, float] = {}
+    for entry in ledger:
+        plan = entry["plan"]
+        for device in entry["trained"]:
+            histories.setdefault(device, []).append((plan["noise-multiplier"], plan["sample-rate"], plan["steps"]))
+        reported.update(entry["epsilon_reported"])
+    assert histories
+    for device, history in histories.items():
+        assert reported[device] == pytest.approx(independent_epsilon(history, 1e-5), rel=1e-3)
+
+
+def test_user_rows_stay_in_device_state(finished_run):
+    _, _, run_dir = finished_run
+    states = sorted((run_dir / "device-state").glob("sim-*.json"))
+    assert states
+    ledger_text = (run_dir / "ledger.jsonl").read_text() + (run_dir / "metrics.jsonl").read_text()
+    assert "user_row" not in ledger_text
+
+
+def test_no_background_process_is_left(finished_run):
+    assert wait_until_no_ray() == []
+
+
+def test_resume_continues_rounds_ledger_and_budgets(tmp_path):
+    from shared.config import RunConfig
+    from shared.state import FileStateStore
+
+    config = RunConfig(devices=10, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=10,
+                       embedding_dim=4, num_negatives=4, rounds=2, devices_per_round=10, eval_every=5,
+                       noise_multiplier=3.0, out_dir=str(tmp_path / "run"))
+    simulate(config)
+    before = FileStateStore(tmp_path / "run" / "device-state" / "sim-0.json").load()
+    assert before.rounds == (1, 2)
+    with pytest.raises(Exception, match="already holds a run"):
+        simulate(config.replace(rounds=3))
+    summary = simulate(config.replace(rounds=3, resume=True))
+    after = FileStateStore(tmp_path / "run" / "device-state" / "sim-0.json").load()
+    assert after.rounds == (1, 2, 3) and after.history == ((3.0, 1.0, 3),)
+    assert [e["round"] for e in read_jsonl(tmp_path / "run" / "ledger.jsonl")] == [1, 2, 3]
+    assert summary["rounds"] == 3
+
+
+def test_bad_replies_are_rejected_and_rounds_complete(tmp_path):
+    from shared.config import RunConfig
+
+    def corrupt(message, context, call_next):
+        """Devices 1 and 2 send a NaN / wrongly shaped update (a buggy or malicious device)."""
+        from flwr.app import Array
+
+        reply = call_next(message, context)
+        partition = int(context.node_config["partition-id"])
+        if message.metadata.message_type == "train" and partition in (1, 2) and "delta" in reply.content:
+            delta = reply.content["delta"]
+            emb = delta["item-embedding-delta"].numpy()
+            bad = np.full_like(emb, np.nan) if partition == 1 else emb[:-1]
+            delta["item-embedding-delta"] = Array(bad)
+        return reply
+
+    config = RunConfig(devices=8, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=10,
+                       embedding_dim=4, num_negatives=4, rounds=2, devices_per_round=8, eval_every=5,
+                       noise_multiplier=3.0, out_dir=str(tmp_path / "run"))
+    summary = simulate(config, client_mods=[corrupt])
+    ledger = read_jsonl(tmp_path / "run" / "ledger.jsonl")
+    assert len(ledger) == 2
+    for entry in ledger:
+        assert set(entry["rejected"]) == {"sim-1", "sim-2"}
+        assert "NaN" in entry["rejected"]["sim-1"] and "shape" in entry["rejected"]["sim-2"]
+        assert len(entry["trained"]) == 6
+    assert summary["privacy"]["record_level"]["devices_trained"] == 6
