@@ -16,6 +16,7 @@ from shared.config import ConfigError, RunConfig
 from shared.data.interactions import DataError
 from shared.data.population import open_population
 from shared.device import Device, DevicePolicy
+from shared.popularity import PopularityPlan
 from shared.state import DeviceState, FileStateStore, StateError
 from shared.training import LocalTrainingPlan, PlanError
 
@@ -82,6 +83,18 @@ def handle_train(message: Message, context: Context, config: RunConfig) -> Messa
     return Message(content, reply_to=message)
 
 
+def handle_popularity(message: Message, context: Context, config: RunConfig) -> Message:
+    device = open_device(context, config)
+    plan = PopularityPlan.from_config(dict(message.content[P.PRIOR]))
+    num_items = open_population(config).num_items
+    outcome, counts = device.report_popularity(plan, num_items)
+    content = RecordDict({P.REPORT: MetricRecord({"declined": int(outcome.declined), "epsilon": outcome.epsilon}),
+                          P.DEVICE: _device_record(device)})
+    if counts is not None:
+        content[P.COUNTS] = ArrayRecord({P.ITEM_COUNTS: Array(counts)})
+    return Message(content, reply_to=message)
+
+
 def handle_evaluate(message: Message, context: Context, config: RunConfig) -> Message:
     device = open_device(context, config)
     settings = message.content[P.EVAL]
@@ -117,6 +130,7 @@ def build_client_app(config: RunConfig | None = None, *, mods: list[Mod] | None 
     """A ClientApp bound to `config`, or (None) reading the run config Flower passes in the Context."""
     client_app = ClientApp(mods=mods)
     client_app.train()(_guarded(handle_train, config))
+    client_app.train("popularity")(_guarded(handle_popularity, config))
     client_app.evaluate()(_guarded(handle_evaluate, config))
     client_app.query()(_guarded(handle_hello, config))
     return client_app

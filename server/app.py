@@ -6,14 +6,13 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from shared.config import RunConfig
 from shared.data.population import open_population
-from shared.model import ItemTables
 
+from .core import initial_tables
 from .loop import Federation
 from .records import RunRecords
 from .summary import privacy_summary, reference_metrics
@@ -26,9 +25,8 @@ def run_server(grid: Grid, config: RunConfig) -> dict[str, Any]:
     started = time.monotonic()
     records = RunRecords.open(config, resume=config.resume)
     population = open_population(config)
-    rng = np.random.default_rng([config.seed, 0x17E4])
-    initial = ItemTables.initial(population.num_items, config.embedding_dim, scale=config.init_scale, rng=rng)
-    federation = Federation(grid, config, records, expected_devices=population.num_devices, initial_tables=initial)
+    federation = Federation(grid, config, records, expected_devices=population.num_devices,
+                            initial_tables=initial_tables(config, population.catalogue()))
     result = federation.run()
     trained_s = time.monotonic() - started
     summary: dict[str, Any] = {

@@ -1,6 +1,8 @@
 """The federated round loop.
 
-Round r:
+Round 0 (with the popularity prior): every device reports its items once with Gaussian noise;
+the sum sets the item biases.
+Round r >= 1:
   1. sample `devices-per-round` known devices, seeded by (seed, r);
   2. send each the item tables and the round plan (lr, steps, q, sigma, C, delta);
   3. sort the replies: trained (validated delta), declined (budget), rejected (bad reply), failed;
@@ -20,21 +22,26 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
-from scipy.stats import binom
 
 from shared import protocol as P
-from shared.config import AUTO, RunConfig
+from shared.config import RunConfig
 from shared.model import ItemTables
-from shared.privacy.accounting import calibrate_noise_multiplier
-from shared.training import LocalTrainingPlan
 
-from .aggregation import ServerOptimizer, mean_delta
+from .core import (
+    EVAL_SALT,
+    POPULARITY_ROUND,
+    TRAIN_SALT,
+    ItemModelServer,
+    noise_multiplier_for,
+    popularity_plan,
+    round_plan,
+    sample_devices,
+)
 from .records import LEDGER, METRICS, Checkpoint, RunRecords
 from .registry import DeviceRegistry
-from .replies import EvalReplies, sort_eval_replies, sort_train_replies
+from .replies import EvalReplies, TrainReplies, sort_eval_replies, sort_popularity_replies, sort_train_replies
 
 log = logging.getLogger("fedrec.server")
-PARTICIPATION_QUANTILE = 0.9  # 'auto' sigma keeps 90% of devices within budget for the whole run
 
 
 @dataclass
@@ -45,22 +52,6 @@ class FederationResult:
     devices: int
 
 
-def auto_noise_multiplier(config: RunConfig, population: int) -> float:
-    """Sigma at which a device sampled in the 90th-percentile number of rounds just fits its budget."""
-    rate = min(1.0, config.devices_per_round / max(population, 1))
-    rounds_joined = max(1, int(binom.ppf(PARTICIPATION_QUANTILE, config.rounds, rate)))
-    return calibrate_noise_multiplier(target_epsilon=config.epsilon_budget, delta=config.delta,
-                                      sample_rate=config.sample_rate, steps=rounds_joined * config.local_steps)
-
-
-def round_plan(config: RunConfig, server_round: int, noise_multiplier: float) -> LocalTrainingPlan:
-    return LocalTrainingPlan(server_round=server_round, lr=config.local_lr, user_lr=config.user_lr,
-                             steps=config.local_steps, sample_rate=config.sample_rate,
-                             num_negatives=config.num_negatives, dp=config.dp,
-                             noise_multiplier=noise_multiplier if config.dp else 0.0, clip_norm=config.clip_norm,
-                             delta=config.delta, grad_sample_mode=config.grad_sample_mode)
-
-
 def _tables_record(tables: ItemTables) -> ArrayRecord:
     return ArrayRecord({k: Array(v) for k, v in P.tables_to_arrays(tables).items()})
 
@@ -69,11 +60,10 @@ class Federation:
     def __init__(self, grid: Grid, config: RunConfig, records: RunRecords, *, expected_devices: int,
                  initial_tables: ItemTables) -> None:
         self.grid, self.config, self.records = grid, config, records
+        self.num_items = initial_tables.num_items
         self.registry = DeviceRegistry(grid, hello_timeout=config.round_timeout)
         self.expected_devices = expected_devices
-        self.optimizer = ServerOptimizer(config.server_optimizer, lr=config.server_lr, beta1=config.server_beta1,
-                                         beta2=config.server_beta2, tau=config.server_tau)
-        self.tables = initial_tables
+        self.model = ItemModelServer(config, initial_tables)
         self.first_round = 1
         self.noise_multiplier = math.nan
 
@@ -84,57 +74,79 @@ class Federation:
         self._restore_or_start()
         log.info("federation: %d devices, rounds %d..%d, %d per round, dp=%s sigma=%.4f", len(self.registry.node_of),
                  self.first_round, cfg.rounds, cfg.devices_per_round, cfg.dp, self.noise_multiplier)
+        if self.first_round == 1 and popularity_plan(cfg) is not None:
+            self._popularity_round()
         for server_round in range(self.first_round, cfg.rounds + 1):
             self._train_round(server_round)
             if server_round % cfg.eval_every == 0 and server_round != cfg.rounds:
                 self._evaluate(server_round, cfg.eval_devices, final=False)
         final = self._evaluate(cfg.rounds, cfg.final_eval_devices, final=True) if self.first_round <= cfg.rounds \
             else {}
-        return FederationResult(tables=self.tables, noise_multiplier=self.noise_multiplier, final_eval=final,
-                                devices=len(self.registry.node_of))
+        return FederationResult(tables=self.model.serving_tables(), noise_multiplier=self.noise_multiplier,
+                                final_eval=final, devices=len(self.registry.node_of))
 
     def _restore_or_start(self) -> None:
         checkpoint = self.records.load_checkpoint()
         if checkpoint is not None:
-            self.tables = checkpoint.tables
-            self.optimizer.load_state_dict(checkpoint.optimizer_state)
+            self.model.tables = checkpoint.tables
+            self.model.optimizer.load_state_dict(checkpoint.optimizer_state)
+            self.model.noise_variance = checkpoint.noise_variance
             self.noise_multiplier = checkpoint.noise_multiplier
             self.first_round = checkpoint.server_round + 1
             log.info("resuming after round %d from %s", checkpoint.server_round, self.records.path)
             return
-        if not self.config.dp:
-            self.noise_multiplier = 0.0
-        elif self.config.noise_multiplier == AUTO:
-            self.noise_multiplier = auto_noise_multiplier(self.config, len(self.registry.node_of))
-        else:
-            self.noise_multiplier = float(self.config.noise_multiplier)
+        self.noise_multiplier = noise_multiplier_for(self.config, len(self.registry.node_of))
+
+    def _popularity_round(self) -> None:
+        """Round 0: ask every device for its noisy item indicator; the sum becomes the item biases."""
+        cfg, plan = self.config, popularity_plan(self.config)
+        started = time.monotonic()
+        asked = {self.registry.node_of[d]: d for d in sorted(self.registry.node_of)}
+        content = RecordDict({P.PRIOR: ConfigRecord(plan.to_config())})
+        messages = [Message(content, dst_node_id=node, message_type=P.POPULARITY_MESSAGE) for node in asked]
+        replies = sort_popularity_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
+                                          self.num_items, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
+        self._record_round(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), asked, replies)
+        if replies.updates:
+            total = np.sum(np.stack([replies.updates[d] for d in sorted(replies.updates)]), axis=0, dtype=np.float64)
+            self.model.set_popularity(total, reports=len(replies.updates), noise_multiplier=plan.noise_multiplier)
+        self._checkpoint(POPULARITY_ROUND)
+        log.info("popularity prior from %d devices (%d declined, %d rejected, %d failed) in %.1fs",
+                 len(replies.updates), len(replies.declined), len(replies.rejected), len(replies.failed),
+                 time.monotonic() - started)
+
+    def _record_round(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
+                      asked: dict[int, str], replies: TrainReplies) -> None:
+        """Append the round to the privacy ledger before anything else happens with its replies."""
+        self.records.append(LEDGER, {
+            "round": server_round, "kind": kind, "time": time.time(), "plan": plan,
+            "privacy_steps": [list(step) for step in privacy_steps],
+            "asked": sorted(asked.values()), "trained": sorted(replies.updates), "declined": sorted(replies.declined),
+            "rejected": replies.rejected, "failed": replies.failed,
+            "epsilon_reported": {d: replies.epsilon[d] for d in sorted(replies.epsilon)},
+        })
+
+    def _checkpoint(self, server_round: int) -> None:
+        self.records.save_checkpoint(Checkpoint(server_round=server_round, tables=self.model.tables,
+                                                optimizer_state=self.model.optimizer.state_dict(),
+                                                noise_multiplier=self.noise_multiplier,
+                                                noise_variance=self.model.noise_variance))
 
     def _train_round(self, server_round: int) -> None:
         cfg = self.config
         started = time.monotonic()
         self.registry.refresh()
-        rng = np.random.default_rng([cfg.seed, server_round, 0x7A1])
-        chosen = self.registry.sample(cfg.devices_per_round, rng)
+        chosen = sample_devices(self.registry.node_of, cfg.devices_per_round, seed=cfg.seed, server_round=server_round,
+                                salt=TRAIN_SALT)
         plan = round_plan(cfg, server_round, self.noise_multiplier)
-        content = RecordDict({P.TABLES: _tables_record(self.tables), P.PLAN: ConfigRecord(plan.to_config())})
+        content = RecordDict({P.TABLES: _tables_record(self.model.tables), P.PLAN: ConfigRecord(plan.to_config())})
         asked = {self.registry.node_of[d]: d for d in chosen}
         messages = [Message(content, dst_node_id=node, message_type="train") for node in asked]
         replies = sort_train_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
-                                     self.tables, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
-        self.records.append(LEDGER, {
-            "round": server_round, "time": time.time(), "plan": plan.to_config(),
-            "asked": sorted(asked.values()), "trained": sorted(replies.updates), "declined": sorted(replies.declined),
-            "rejected": replies.rejected, "failed": replies.failed,
-            "epsilon_reported": {d: replies.epsilon[d] for d in sorted(replies.epsilon)},
-        })
-        update_norm = math.nan
-        if replies.updates:
-            delta = mean_delta(list(replies.updates.values()))
-            update_norm = float(np.sqrt(np.sum(delta[0].astype(np.float64) ** 2) + np.sum(delta[1] ** 2)))
-            self.tables = self.optimizer.apply(self.tables, delta)
-        self.records.save_checkpoint(Checkpoint(server_round=server_round, tables=self.tables,
-                                                optimizer_state=self.optimizer.state_dict(),
-                                                noise_multiplier=self.noise_multiplier))
+                                     self.model.tables, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
+        self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies)
+        update_norm = self.model.apply(replies.updates, plan)
+        self._checkpoint(server_round)
         eps = list(replies.epsilon.values())
         line = {"round": server_round, "seconds": round(time.monotonic() - started, 3),
                 "trained": len(replies.updates), "declined": len(replies.declined),
@@ -149,10 +161,9 @@ class Federation:
         cfg = self.config
         started = time.monotonic()
         self.registry.refresh()
-        rng = np.random.default_rng([cfg.seed, server_round, 0xE7A1])
-        chosen = self.registry.sample(count if count > 0 else len(self.registry.node_of), rng)
+        chosen = sample_devices(self.registry.node_of, count, seed=cfg.seed, server_round=server_round, salt=EVAL_SALT)
         settings = {"server-round": server_round, "target": "test", "refit-l2": cfg.refit_l2, "sampled-seed": cfg.seed}
-        content = RecordDict({P.TABLES: _tables_record(self.tables), P.EVAL: ConfigRecord(settings)})
+        content = RecordDict({P.TABLES: _tables_record(self.model.serving_tables()), P.EVAL: ConfigRecord(settings)})
         asked = {self.registry.node_of[d]: d for d in chosen}
         messages = [Message(content, dst_node_id=node, message_type="evaluate") for node in asked]
         replies = sort_eval_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked)

@@ -35,6 +35,7 @@ class Checkpoint:
     tables: ItemTables
     optimizer_state: dict[str, np.ndarray]
     noise_multiplier: float
+    noise_variance: float  # known DP noise per embedding coordinate (nan if unknown)
 
 
 class RunRecords:
@@ -82,6 +83,7 @@ class RunRecords:
         buffer = io.BytesIO()
         np.savez(buffer, server_round=checkpoint.server_round, embedding=checkpoint.tables.embedding,
                  bias=checkpoint.tables.bias, noise_multiplier=checkpoint.noise_multiplier,
+                 noise_variance=checkpoint.noise_variance,
                  **{f"opt.{k}": v for k, v in checkpoint.optimizer_state.items()})
         atomic_write(self.path / CHECKPOINT, buffer.getvalue())
 
@@ -94,7 +96,8 @@ class RunRecords:
                 return Checkpoint(server_round=int(data["server_round"]),
                                   tables=ItemTables(embedding=data["embedding"], bias=data["bias"]),
                                   optimizer_state={k[4:]: data[k] for k in data.files if k.startswith("opt.")},
-                                  noise_multiplier=float(data["noise_multiplier"]))
+                                  noise_multiplier=float(data["noise_multiplier"]),
+                                  noise_variance=float(data["noise_variance"]))
         except (OSError, ValueError, KeyError) as err:
             raise ConfigError(f"{path}: unreadable checkpoint ({err})") from None
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
@@ -57,9 +56,3 @@ class DeviceRegistry:
             self.node_of[device_id] = node
             self.device_of[node] = device_id
         log.info("%d devices known (%d new)", len(self.node_of), len(new))
-
-    def sample(self, count: int, rng: np.random.Generator) -> list[str]:
-        devices = sorted(self.node_of)
-        if count >= len(devices):
-            return devices
-        return sorted(devices[i] for i in rng.choice(len(devices), size=count, replace=False))

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import Message
@@ -14,7 +15,6 @@ from shared import protocol as P
 from shared.evaluation import DEVICE_METRIC_KEYS
 from shared.model import ItemTables
 
-from .aggregation import Delta
 
 log = logging.getLogger("fedrec.server")
 EPSILON_SLACK = 1e-9  # relative tolerance when comparing a reported epsilon to the budget
@@ -22,7 +22,7 @@ EPSILON_SLACK = 1e-9  # relative tolerance when comparing a reported epsilon to 
 
 @dataclass
 class TrainReplies:
-    updates: dict[str, Delta] = field(default_factory=dict)
+    updates: dict[str, Any] = field(default_factory=dict)  # device -> validated payload (delta or counts)
     epsilon: dict[str, float] = field(default_factory=dict)  # reported cumulative epsilon, trained or declined
     declined: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # device -> reason
@@ -60,6 +60,20 @@ def _finite_number(record: dict, key: str) -> float:
 
 def sort_train_replies(replies: Iterable[Message], asked: dict[int, str], tables: ItemTables, *,
                        dp: bool, epsilon_budget: float) -> TrainReplies:
+    """Training replies: a validated item delta per device that trained."""
+    return _sort_reports(replies, asked, P.DELTA, lambda arrays: P.delta_from_arrays(arrays, tables),
+                         dp=dp, epsilon_budget=epsilon_budget)
+
+
+def sort_popularity_replies(replies: Iterable[Message], asked: dict[int, str], num_items: int, *,
+                            dp: bool, epsilon_budget: float) -> TrainReplies:
+    """Popularity replies: a validated noisy item-count vector per device that reported."""
+    return _sort_reports(replies, asked, P.COUNTS, lambda arrays: P.counts_from_arrays(arrays, num_items),
+                         dp=dp, epsilon_budget=epsilon_budget)
+
+
+def _sort_reports(replies: Iterable[Message], asked: dict[int, str], record: str,
+                  parse: Callable[[dict[str, np.ndarray]], Any], *, dp: bool, epsilon_budget: float) -> TrainReplies:
     out = TrainReplies()
     answered = set()
     for reply in replies:
@@ -88,10 +102,10 @@ def sort_train_replies(replies: Iterable[Message], asked: dict[int, str], tables
             if declined:
                 out.declined.append(device)
                 continue
-            if P.DELTA not in reply.content:
-                raise P.ProtocolError("reply neither declines nor carries a delta record")
-            arrays = {k: np.asarray(a.numpy()) for k, a in reply.content[P.DELTA].items()}
-            out.updates[device] = P.delta_from_arrays(arrays, tables)
+            if record not in reply.content:
+                raise P.ProtocolError(f"reply neither declines nor carries a '{record}' record")
+            arrays = {k: np.asarray(a.numpy()) for k, a in reply.content[record].items()}
+            out.updates[device] = parse(arrays)
         except (P.ProtocolError, ValueError, TypeError) as err:
             out.rejected[device] = str(err)
             out.epsilon.pop(device, None)

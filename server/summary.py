@@ -23,34 +23,39 @@ NEIGHBOURING_RELATION = ("record level: two behaviour logs of one device are nei
 
 
 def device_epsilons(records: RunRecords) -> tuple[dict[str, float], set[str], set[str]]:
-    """Latest reported cumulative epsilon per device, who trained, and who ever declined (from the ledger)."""
+    """Latest reported cumulative epsilon per device, who released anything, and who ever declined (ledger)."""
     latest: dict[str, float] = {}
-    trained: set[str] = set()
+    released: set[str] = set()
     declined: set[str] = set()
     for entry in records.read_jsonl(LEDGER):
         latest.update(entry.get("epsilon_reported", {}))
-        trained.update(entry.get("trained", []))
+        released.update(entry.get("trained", []))
         declined.update(entry.get("declined", []))
-    return latest, trained, declined
+    return latest, released, declined
+
+
+def training_participants(records: RunRecords) -> set[str]:
+    return {d for entry in records.read_jsonl(LEDGER) if entry.get("kind") == "train" for d in entry["trained"]}
 
 
 def privacy_summary(config: RunConfig, records: RunRecords, noise_multiplier: float) -> dict[str, Any]:
-    latest, trained, declined = device_epsilons(records)
-    values = [latest[d] for d in sorted(trained) if d in latest]
+    latest, released, declined = device_epsilons(records)
+    values = [latest[d] for d in sorted(released) if d in latest]
     record_level: dict[str, Any] = {
         "delta": config.delta,
         "epsilon_max": max(values) if values and config.dp else (None if not config.dp else 0.0),
         "epsilon_median": statistics.median(values) if values and config.dp else (None if not config.dp else 0.0),
         "budget": config.epsilon_budget if config.dp else None,
         "devices_declined": len(declined),
-        "devices_trained": len(trained),
+        "devices_trained": len(training_participants(records)),
+        "devices_released": len(released),
         "noise_multiplier": noise_multiplier if config.dp else None,
         "sample_rate": config.sample_rate,
         "clip_norm": config.clip_norm,
         "local_steps_per_round": config.local_steps,
         "accountant": "RDP (Opacus; Mironov et al. 2019), conversion of Balle et al. 2020",
         "neighbouring_relation": NEIGHBOURING_RELATION,
-        "median_over": "devices that trained at least once",
+        "median_over": "devices that released anything (popularity report or training update)",
     }
     if not config.dp:
         record_level["note"] = "DP disabled: updates are not private (epsilon is infinite)"

@@ -76,9 +76,8 @@ def train_central_mf(splits: Sequence[DeviceSplit], num_items: int, settings: Ce
             optimizer.step()
             total += float(loss.detach()) * len(idx)
         log.debug("central MF epoch %d/%d loss %.4f", epoch + 1, settings.epochs, total / len(order))
-    tables = ItemTables(embedding=model.item_embedding.weight.detach().numpy().copy(),
-                        bias=model.item_bias.weight.detach().numpy()[:, 0].copy())
-    return model.user.weight.detach().numpy().copy(), tables
+    tables = ItemTables(embedding=model.item_embedding.weight.detach().numpy().copy(), bias=model.bias_values())
+    return model.user_values(), tables
 
 
 def central_mf_metrics(splits: Sequence[DeviceSplit], num_items: int, settings: CentralMFSettings, *,

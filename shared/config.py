@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 AUTO = "auto"
+AUTO_SERVER_LR_DP, AUTO_SERVER_LR_NO_DP = 0.1, 3.0  # measured on the synthetic default (see README, Results)
 
 
 class ConfigError(ValueError):
@@ -44,21 +45,34 @@ class RunConfig:
     seed: int = _opt(42, "seed of every random choice in the run", min=0)
 
     # --- model --------------------------------------------------------------------
-    embedding_dim: int = _opt(8, "dimension of user and item embeddings", min=1)
+    embedding_dim: int = _opt(16, "dimension of user and item embeddings", min=1)
     num_negatives: int = _opt(16, "negative items sampled from the public catalogue per positive", min=1)
     init_scale: float = _opt(0.1, "standard deviation of the initial embeddings", min_exclusive=0.0)
+    category_init: float = _opt(1.0, "scale of a shared random direction per public item category added to the "
+                                     "initial embeddings (0 = ignore categories)", min=0.0)
 
     # --- federation -----------------------------------------------------------------
-    rounds: int = _opt(30, "number of federated training rounds", min=1)
+    rounds: int = _opt(50, "number of federated training rounds", min=1)
     devices_per_round: int = _opt(100, "devices sampled for training in each round", min=1)
     round_timeout: float = _opt(600.0, "seconds to wait for the replies of one round", min_exclusive=0.0)
     node_wait_timeout: float = _opt(120.0, "seconds to wait for enough devices to come online", min_exclusive=0.0)
 
     # --- local training ---------------------------------------------------------------
-    local_steps: int = _opt(1, "DP-SGD steps a device takes per round", min=1)
+    local_steps: int = _opt(1, "DP-SGD steps on the item tables a device takes per round", min=1)
+    user_steps: int = _opt(1, "DP-SGD steps on the user row alone, before the item steps of a round (0 = train "
+                              "user row and items together in the same steps)", min=0)
+    user_noise_ratio: float = _opt(2.0, "noise multiplier of the user-row steps relative to the item steps",
+                                   min_exclusive=0.0)
     sample_rate: float = _opt(1.0, "Poisson sampling rate q of a device's interactions per step", min_exclusive=0.0, max=1.0)
     local_lr: float = _opt(0.5, "learning rate for the item tables on the device", min_exclusive=0.0)
-    user_lr: float = _opt(0.1, "learning rate for the device's own user row", min=0.0)
+    user_lr: float = _opt(1.0, "learning rate for the device's own user row", min=0.0)
+    user_step_cap: float = _opt(1.0, "largest step of the user row per local step, applied to the noisy gradient "
+                                     "(0 = no cap)", min=0.0)
+    user_scale: float = _opt(1.0, "reparameterisation scale of the user row: its share of each example's clipping "
+                                  "budget grows with it, its effective learning rate with its square",
+                             min_exclusive=0.0)
+    bias_scale: float = _opt(1.0, "reparameterisation scale of the item biases (clipping share and learning rate as "
+                                  "for user-scale)", min_exclusive=0.0)
 
     # --- privacy ----------------------------------------------------------------------
     dp: bool = _opt(True, "record-level differential privacy on every device (DP-SGD with Opacus)")
@@ -68,13 +82,20 @@ class RunConfig:
     delta: float = _opt(1e-5, "delta of the per-device (epsilon, delta) guarantee", min_exclusive=0.0, max_exclusive=1.0)
     epsilon_budget: float = _opt(8.0, "per-device epsilon budget; a device declines a round that would exceed it",
                                  min_exclusive=0.0)
+    popularity_prior: bool = _opt(True, "before training, every device reports its items once with Gaussian noise; "
+                                        "the server turns the sum into item biases (a private popularity prior)")
+    prior_noise_multiplier: float | str = _opt(AUTO, "noise multiplier of the popularity report (sensitivity 1), or "
+                                                     "'auto': the report alone may spend half the epsilon budget",
+                                               auto_ok=True, min_exclusive=0.0)
+    train_biases: bool = _opt(False, "also train the item biases with DP-SGD (they start from the prior)")
     grad_sample_mode: str = _opt(AUTO, "Opacus per-sample gradients: hooks | ghost | auto (ghost for large catalogues)",
                                  choices=("hooks", "ghost", AUTO))
 
     # --- server -----------------------------------------------------------------------
     server_optimizer: str = _opt("fedavg", "how the server applies the mean item delta: fedavg | fedadam",
                                  choices=("fedavg", "fedadam"))
-    server_lr: float = _opt(1.0, "server learning rate on the mean item delta", min_exclusive=0.0)
+    server_lr: float | str = _opt(AUTO, "server learning rate on the mean item delta, or 'auto': 0.1 with DP (the "
+                                        "noise grows with it), 3.0 without", auto_ok=True, min_exclusive=0.0)
     server_beta1: float = _opt(0.9, "FedAdam first-moment decay", min=0.0, max_exclusive=1.0)
     server_beta2: float = _opt(0.99, "FedAdam second-moment decay", min=0.0, max_exclusive=1.0)
     server_tau: float = _opt(1e-3, "FedAdam adaptivity (epsilon in the denominator)", min_exclusive=0.0)
@@ -83,7 +104,8 @@ class RunConfig:
     eval_every: int = _opt(10, "federated evaluation every N rounds (and always after the last)", min=1)
     eval_devices: int = _opt(100, "devices sampled for a federated evaluation round (0 = all)", min=0)
     final_eval_devices: int = _opt(0, "devices in the evaluation after the last round (0 = all)", min=0)
-    refit_l2: float = _opt(1.0, "ridge penalty of the on-device user re-fit used for ranking", min_exclusive=0.0)
+    refit_l2: float = _opt(3.0, "ridge penalty of the on-device user re-fit used for ranking", min_exclusive=0.0)
+    ranking_shrinkage: bool = _opt(True, "rank with item embeddings shrunk by their known DP noise (FedAvg only)")
 
     # --- output -----------------------------------------------------------------------
     out_dir: str = _opt("", "run directory (default runs/<timestamp>)")
@@ -109,6 +131,12 @@ class RunConfig:
             return cls(**values)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
+
+    @property
+    def effective_server_lr(self) -> float:
+        if self.server_lr != AUTO:
+            return float(self.server_lr)
+        return AUTO_SERVER_LR_DP if self.dp else AUTO_SERVER_LR_NO_DP
 
     def to_mapping(self) -> dict[str, Any]:
         return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}

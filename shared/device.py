@@ -10,6 +10,7 @@ Evaluate: re-fit the user row to the received item model and rank unseen items.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -18,10 +19,14 @@ import numpy as np
 from .data.interactions import DataError, DeviceEvents, DeviceSplit, split_device
 from .evaluation import DEVICE_METRIC_KEYS, rank_scores
 from .model import ItemTables, initial_user_row
-from .privacy.accounting import epsilon, epsilon_after
+from .popularity import PopularityPlan, noisy_indicator
+from .privacy.accounting import HistoryEntry, compact_history, epsilon, epsilon_after
 from .ranking import refit_user_row
 from .state import DeviceState
 from .training import DeviceTrainingData, LocalTrainingPlan, train_cohort
+
+
+COHORT_BYTES = 64 * 2**20  # stacked item tables per cohort pass
 
 
 class StateStore(Protocol):
@@ -74,26 +79,47 @@ class Device:
         return epsilon(self.load_state().history, delta=delta)
 
     def train(self, plan: LocalTrainingPlan, tables: ItemTables) -> TrainOutcome:
+        return train_devices([self], plan, tables)[0]
+
+    def over_budget(self, plan: LocalTrainingPlan | PopularityPlan, state: DeviceState) -> bool:
+        """Would this round take the device past its budget? Decided before any data is touched."""
+        if not plan.dp:
+            return False
+        after = epsilon_after(state.history, plan.privacy_steps(), delta=plan.delta)
+        return after > self.policy.epsilon_budget
+
+    def report_popularity(self, plan: PopularityPlan, num_items: int) -> tuple[TrainOutcome, np.ndarray | None]:
+        """The noisy item indicator of this device (see shared/popularity.py), or a decline."""
         state = self.load_state()
-        if plan.dp:
-            after = epsilon_after(state.history, noise_multiplier=plan.noise_multiplier,
-                                  sample_rate=plan.sample_rate, steps=plan.steps, delta=plan.delta)
-            if after > self.policy.epsilon_budget:
-                self.store.save(replace(state, declined=(*state.declined, plan.server_round)))
-                return TrainOutcome(declined=True, epsilon=epsilon(state.history, delta=plan.delta))
-        user_row = state.user_row
-        if user_row is None or user_row.shape != (tables.dim,):
-            rng = np.random.default_rng([self.policy.seed, self.device_key, 0x05E5])
-            user_row = initial_user_row(tables.dim, scale=self.policy.init_scale, rng=rng)
-        data = DeviceTrainingData(items=self.split.train_items, weights=self.split.train_weights,
+        if self.over_budget(plan, state):
+            return self.decline(plan, state), None
+        report = noisy_indicator(self.split.train_items, self.split.train_weights, num_items, plan=plan,
+                                 seed=_noise_seed(self.policy.seed, [self.device_key], plan.server_round))
+        history = compact_history([*state.history, *plan.privacy_steps()])
+        self.store.save(replace(state, history=tuple(history), rounds=(*state.rounds, plan.server_round)))
+        return TrainOutcome(declined=False, epsilon=epsilon(history, delta=plan.delta)), report
+
+    def decline(self, plan: LocalTrainingPlan | PopularityPlan, state: DeviceState) -> TrainOutcome:
+        self.store.save(replace(state, declined=(*state.declined, plan.server_round)))
+        return TrainOutcome(declined=True, epsilon=epsilon(state.history, delta=plan.delta))
+
+    def user_row(self, state: DeviceState, dim: int) -> np.ndarray:
+        if state.user_row is not None and state.user_row.shape == (dim,):
+            return state.user_row
+        rng = np.random.default_rng([self.policy.seed, self.device_key, 0x05E5])
+        return initial_user_row(dim, scale=self.policy.init_scale, rng=rng)
+
+    def training_data(self, plan: LocalTrainingPlan) -> DeviceTrainingData:
+        return DeviceTrainingData(items=self.split.train_items, weights=self.split.train_weights,
                                   seed=(self.policy.seed, self.device_key, plan.server_round))
-        update = train_cohort(plan, tables, user_row[None], [data], [state.history],
-                              noise_seed=_noise_seed(self.policy.seed, self.device_key, plan.server_round))
-        history = tuple(update.histories[0]) if plan.dp else state.history
-        self.store.save(replace(state, user_row=update.user_rows[0], history=history,
+
+    def commit(self, plan: LocalTrainingPlan, state: DeviceState, user_row: np.ndarray,
+               history: list[HistoryEntry]) -> float:
+        """Store the new user row and privacy history atomically; returns the cumulative epsilon."""
+        new_history = tuple(history) if plan.dp else state.history
+        self.store.save(replace(state, user_row=user_row, history=new_history,
                                 rounds=(*state.rounds, plan.server_round)))
-        return TrainOutcome(declined=False, epsilon=epsilon(history, delta=plan.delta),
-                            embedding_delta=update.embedding_delta[0], bias_delta=update.bias_delta[0])
+        return epsilon(new_history, delta=plan.delta)
 
     def evaluate(self, tables: ItemTables, *, target: str, l2: float, sampled_seed: int) -> dict[str, float]:
         row = refit_user_row(tables, self.split.train_items, self.split.train_weights, l2=l2)
@@ -101,5 +127,37 @@ class Device:
         return {k: float(v[0]) for k, v in metrics.items() if k in DEVICE_METRIC_KEYS or k.startswith("sampled_")}
 
 
-def _noise_seed(seed: int, device_key: int, server_round: int) -> int:
-    return int(np.random.SeedSequence([seed, device_key, server_round, 0x7015E]).generate_state(1, np.uint64)[0] >> 1)
+def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: ItemTables, *,
+                  max_cohort_bytes: int = COHORT_BYTES) -> list[TrainOutcome]:
+    """One round for several devices: budget checks, then Opacus passes over cohorts of those that train.
+
+    Each device's clipping, noise and accounting are exactly those of training it alone
+    (shared/training.py); a single device is the deployment path. Cohorts are cut so their
+    stacked item tables stay under `max_cohort_bytes`.
+    """
+    states = [d.load_state() for d in devices]
+    outcomes: list[TrainOutcome | None] = [None] * len(devices)
+    active = []
+    for j, (device, state) in enumerate(zip(devices, states)):
+        if device.over_budget(plan, state):
+            outcomes[j] = device.decline(plan, state)
+        else:
+            active.append(j)
+    per_device = 4 * tables.num_items * (tables.dim + 1)
+    size = max(1, max_cohort_bytes // per_device)
+    for start in range(0, len(active), size):
+        cohort = active[start:start + size]
+        keys = [devices[j].device_key for j in cohort]
+        update = train_cohort(plan, tables, np.stack([devices[j].user_row(states[j], tables.dim) for j in cohort]),
+                              [devices[j].training_data(plan) for j in cohort], [states[j].history for j in cohort],
+                              noise_seed=_noise_seed(devices[cohort[0]].policy.seed, keys, plan.server_round))
+        for row, j in enumerate(cohort):
+            eps = devices[j].commit(plan, states[j], update.user_rows[row], update.histories[row])
+            outcomes[j] = TrainOutcome(declined=False, epsilon=eps, embedding_delta=update.embedding_delta[row],
+                                       bias_delta=update.bias_delta[row])
+    return [o for o in outcomes if o is not None]
+
+
+def _noise_seed(seed: int, device_keys: Sequence[int], server_round: int) -> int:
+    entropy = [seed, server_round, 0x7015E, *device_keys]
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)

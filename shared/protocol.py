@@ -5,6 +5,8 @@ Train reply:    delta {item-embedding-delta, item-bias-delta} (absent when decli
                 + report {declined, epsilon} + device {device-id}
 Eval request:   tables + eval {server-round, target, refit-l2, sampled-seed}
 Eval reply:     metrics {hr@10, ndcg@10, recall@20, sampled_*} + device {device-id}
+Popularity:     request prior (PopularityPlan); reply counts {item-counts} (absent when declined)
+                + report + device
 Hello (query):  reply device {device-id}
 Nothing else leaves a device: no user row, no data size, no loss.
 """
@@ -24,6 +26,10 @@ REPORT = "report"
 DEVICE = "device"
 EVAL = "eval"
 METRICS = "metrics"
+PRIOR = "prior"
+COUNTS = "counts"
+ITEM_COUNTS = "item-counts"
+POPULARITY_MESSAGE = "train.popularity"
 
 EMBEDDING, BIAS = "item-embedding", "item-bias"
 EMBEDDING_DELTA, BIAS_DELTA = "item-embedding-delta", "item-bias-delta"
@@ -64,6 +70,17 @@ def delta_from_arrays(arrays: Mapping[str, np.ndarray], tables: ItemTables) -> t
         if not np.isfinite(value).all():
             raise ProtocolError(f"delta: '{key}' holds {int((~np.isfinite(value)).sum())} NaN/Inf values")
     return emb, bias
+
+
+def counts_from_arrays(arrays: Mapping[str, np.ndarray], num_items: int) -> np.ndarray:
+    """Validate a device's noisy item-count report: one finite float32 per catalogue item."""
+    _expect_keys(arrays, (ITEM_COUNTS,), "counts")
+    counts = arrays[ITEM_COUNTS]
+    if counts.shape != (num_items,) or counts.dtype != np.float32:
+        raise ProtocolError(f"counts: expected float32 [{num_items}], got {counts.dtype}{list(counts.shape)}")
+    if not np.isfinite(counts).all():
+        raise ProtocolError("counts: NaN/Inf values")
+    return counts
 
 
 def _expect_keys(arrays: Mapping[str, np.ndarray], keys: tuple[str, ...], what: str) -> None:

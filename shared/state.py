@@ -99,3 +99,16 @@ class FileStateStore:
 
     def save(self, state: DeviceState) -> None:
         atomic_write(self.path, state.to_bytes())
+
+
+class MemoryStateStore:
+    """Device state held in memory (the plain simulation loop; lost when the process ends)."""
+
+    def __init__(self) -> None:
+        self._state: DeviceState | None = None
+
+    def load(self) -> DeviceState | None:
+        return self._state
+
+    def save(self, state: DeviceState) -> None:
+        self._state = state

@@ -28,7 +28,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
 from .model import ItemTables, MatrixFactorization, SampledSoftmaxLoss
-from .privacy.accounting import HistoryEntry
+from .privacy.accounting import HistoryEntry, compact_history
 
 # Dense per-sample item gradients cost batch * rows * dim floats; above this, use ghost clipping.
 HOOKS_MEMORY_LIMIT_BYTES = 256 * 2**20
@@ -46,8 +46,14 @@ class LocalTrainingPlan:
     lr: float
     user_lr: float
     steps: int
+    user_steps: int
+    user_noise_multiplier: float
     sample_rate: float
     num_negatives: int
+    user_step_cap: float
+    user_scale: float
+    bias_scale: float
+    train_biases: bool
     dp: bool
     noise_multiplier: float
     clip_norm: float
@@ -57,7 +63,11 @@ class LocalTrainingPlan:
     def __post_init__(self) -> None:
         checks = {
             "server_round": self.server_round >= 1, "lr": self.lr > 0, "user_lr": self.user_lr >= 0,
-            "steps": self.steps >= 1, "sample_rate": 0 < self.sample_rate <= 1, "num_negatives": self.num_negatives >= 1,
+            "user_step_cap": self.user_step_cap >= 0, "user_scale": self.user_scale > 0,
+            "bias_scale": self.bias_scale > 0,
+            "steps": self.steps >= 1, "user_steps": self.user_steps >= 0,
+            "user_noise_multiplier": self.user_noise_multiplier > 0 or not self.dp or self.user_steps == 0,
+            "sample_rate": 0 < self.sample_rate <= 1, "num_negatives": self.num_negatives >= 1,
             "noise_multiplier": self.noise_multiplier > 0 or not self.dp, "clip_norm": self.clip_norm > 0,
             "delta": 0 < self.delta < 1, "grad_sample_mode": self.grad_sample_mode in ("hooks", "ghost", "auto"),
         }
@@ -65,24 +75,38 @@ class LocalTrainingPlan:
             if not ok:
                 raise PlanError(f"round plan: {name}={getattr(self, name)!r} is out of range")
 
+    def privacy_steps(self) -> list[HistoryEntry]:
+        """The (sigma, q, steps) this round adds to a device's privacy history (nothing without DP)."""
+        if not self.dp:
+            return []
+        steps = [(self.noise_multiplier, self.sample_rate, self.steps)]
+        if self.user_steps:
+            steps.append((self.user_noise_multiplier, self.sample_rate, self.user_steps))
+        return steps
+
     def to_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LocalTrainingPlan:
-        values: dict[str, Any] = {}
-        for f in fields(cls):
-            key = f.name.replace("_", "-")
-            if key not in config:
-                raise PlanError(f"round plan: missing key '{key}'")
-            value = config[key]
-            kind = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
-            if kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                raise PlanError(f"round plan: '{key}'={value!r} should be {kind.__name__}")
-            values[f.name] = value
-        return cls(**values)
+        return plan_from_config(cls, config)
+
+
+def plan_from_config(cls: Any, config: dict[str, Any]) -> Any:
+    """Build a frozen plan dataclass from its kebab-case config record, checking every key and type."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        key = f.name.replace("_", "-")
+        if key not in config:
+            raise PlanError(f"round plan: missing key '{key}'")
+        value = config[key]
+        kind = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise PlanError(f"round plan: '{key}'={value!r} should be {kind.__name__}")
+        values[f.name] = value
+    return cls(**values)
 
 
 @dataclass(frozen=True)
@@ -105,11 +129,46 @@ class CohortUpdate:
     examples_used: np.ndarray  # [K] sampled examples per device (local diagnostics only, never sent)
 
 
+class LocalSGD(torch.optim.Optimizer):
+    """SGD whose steps for a group can be capped per row (each device's user row moves at most `row_step_cap`).
+
+    It runs after Opacus has clipped and noised the gradient, so the cap is post-processing of
+    a private quantity: it keeps heavy users' rows stable without using their private data size.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]]) -> None:
+        super().__init__(groups, defaults={"lr": 0.0, "row_step_cap": 0.0})
+
+    @torch.no_grad()
+    def step(self, closure: Any = None) -> None:
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                update = group["lr"] * param.grad
+                if group["row_step_cap"] > 0:
+                    norms = update.norm(dim=1, keepdim=True)
+                    update = update * torch.clamp(group["row_step_cap"] / (norms + 1e-12), max=1.0)
+                param.sub_(update)
+
+
 def choose_grad_sample_mode(requested: str, *, batch: int, rows: int, dim: int) -> str:
     if requested != "auto":
         return requested
     dense_bytes = 4 * batch * rows * (dim + 1)
     return "ghost" if dense_bytes > HOOKS_MEMORY_LIMIT_BYTES else "hooks"
+
+
+def _phases(plan: LocalTrainingPlan) -> list[tuple[str, int, float]]:
+    """(which parameters train, steps, noise multiplier) in order.
+
+    With `user_steps` > 0 a round alternates blocks: first the user row alone (items frozen),
+    then the item tables alone (user row frozen), so each block's clipping budget is spent on
+    its own parameters and the item step sees a user row fitted to the current items.
+    """
+    if plan.user_steps > 0:
+        return [("user", plan.user_steps, plan.user_noise_multiplier), ("items", plan.steps, plan.noise_multiplier)]
+    return [("all", plan.steps, plan.noise_multiplier)]
 
 
 def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarray,
@@ -123,53 +182,67 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
         torch.from_numpy(np.ascontiguousarray(user_rows, dtype=np.float32)),
         torch.from_numpy(np.tile(items.embedding, (k_devices, 1))),
         torch.from_numpy(np.tile(items.bias, k_devices)),
-        num_items=n_items,
+        num_items=n_items, user_scale=plan.user_scale, bias_scale=plan.bias_scale,
     )
-    optimizer = torch.optim.SGD([{"params": model.local_parameters(), "lr": plan.user_lr},
-                                 {"params": model.global_parameters(), "lr": plan.lr}])
-    criterion = SampledSoftmaxLoss(reduction="sum")
     accountants = [RDPAccountant() for _ in data]
     for accountant, history in zip(accountants, histories):
         accountant.history = [tuple(h) for h in history]
-    module: torch.nn.Module = model
-    if plan.dp:
-        expected_batch = max(int(plan.sample_rate * sum(len(d.items) for d in data)), 1)
-        mode = choose_grad_sample_mode(plan.grad_sample_mode, batch=expected_batch, rows=k_devices * n_items,
-                                       dim=items.dim)
-        module, optimizer, criterion = _make_private(model, optimizer, criterion, plan=plan, mode=mode,
-                                                     noise_seed=noise_seed)
-
-        def account(_: Any) -> None:
-            for accountant in accountants:
-                accountant.step(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate)
-
-        optimizer.attach_step_hook(account)
-
     generators = [torch.Generator().manual_seed(_seed_int(d.seed)) for d in data]
     positives = [torch.from_numpy(d.items.astype(np.int64)) for d in data]
     weights = [torch.from_numpy(d.weights.astype(np.float32)) for d in data]
     examples_used = np.zeros(k_devices, dtype=np.int64)
-    for _ in range(plan.steps):
-        users, batch_items, batch_weights = _sample_step(plan, positives, weights, generators, n_items)
-        examples_used += np.bincount(users.numpy(), minlength=k_devices)
-        optimizer.zero_grad(set_to_none=True)
-        with warnings.catch_warnings():
-            # Opacus's backward hooks see integer ids as inputs; torch warns that they need no gradient.
-            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-            loss = criterion(module(users, batch_items), batch_weights)
-            loss.backward()
-        optimizer.step()
+    expected_batch = max(int(plan.sample_rate * sum(len(d.items) for d in data)), 1)
+    for phase, (which, steps, sigma) in enumerate(_phases(plan)):
+        groups = []
+        if which in ("user", "all"):
+            groups.append({"params": model.local_parameters(), "lr": plan.user_lr, "row_step_cap": plan.user_step_cap})
+        if which in ("items", "all"):
+            params = model.global_parameters() if plan.train_biases else [model.item_embedding.weight]
+            groups.append({"params": params, "lr": plan.lr, "row_step_cap": 0.0})
+        trainable = {id(p) for g in groups for p in g["params"]}
+        for param in model.parameters():
+            param.requires_grad_(id(param) in trainable)
+        module: Any = model
+        optimizer: Any = LocalSGD(groups)
+        criterion: Any = SampledSoftmaxLoss(reduction="sum")
+        if plan.dp:
+            rows = k_devices * (n_items if which != "user" else 1)
+            mode = choose_grad_sample_mode(plan.grad_sample_mode, batch=expected_batch, rows=rows, dim=items.dim)
+            module, optimizer, criterion = _make_private(model, optimizer, criterion, sigma=sigma,
+                                                         clip_norm=plan.clip_norm, mode=mode,
+                                                         noise_seed=noise_seed + phase)
+            optimizer.attach_step_hook(_accounting_hook(accountants, sigma, plan.sample_rate))
+        for _ in range(steps):
+            users, batch_items, batch_weights = _sample_step(plan, positives, weights, generators, n_items)
+            examples_used += np.bincount(users.numpy(), minlength=k_devices)
+            optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():
+                # Opacus's backward hooks see integer ids as inputs; torch warns that they need no gradient.
+                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                loss = criterion(module(users, batch_items), batch_weights)
+                loss.backward()
+            optimizer.step()
+        if module is not model:
+            module.remove_hooks()
 
-    new_users = model.user.weight.detach().numpy().copy()
+    new_users = model.user_values()
     emb = model.item_embedding.weight.detach().numpy().reshape(k_devices, n_items, items.dim)
-    bias = model.item_bias.weight.detach().numpy().reshape(k_devices, n_items)
+    bias = model.bias_values().reshape(k_devices, n_items)
     return CohortUpdate(user_rows=new_users, embedding_delta=emb - items.embedding[None],
                         bias_delta=bias - items.bias[None],
-                        histories=[list(a.history) for a in accountants], examples_used=examples_used)
+                        histories=[compact_history(a.history) for a in accountants], examples_used=examples_used)
+
+
+def _accounting_hook(accountants: Sequence[RDPAccountant], sigma: float, sample_rate: float) -> Any:
+    def account(_: Any) -> None:
+        for accountant in accountants:
+            accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
+
+    return account
 
 
 def _make_private(model: MatrixFactorization, optimizer: torch.optim.Optimizer, criterion: SampledSoftmaxLoss,
-                  *, plan: LocalTrainingPlan, mode: str, noise_seed: int) -> tuple[Any, Any, Any]:
+                  *, sigma: float, clip_norm: float, mode: str, noise_seed: int) -> tuple[Any, Any, Any]:
     """Wrap model, optimizer and loss as Opacus's PrivacyEngine.make_private does, with the server's exact q.
 
     (make_private derives q from the data loader's length; the server fixes q instead, so
@@ -178,15 +251,15 @@ def _make_private(model: MatrixFactorization, optimizer: torch.optim.Optimizer, 
     generator = torch.Generator().manual_seed(noise_seed)
     if mode == "ghost":
         module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum",
-                                                      max_grad_norm=plan.clip_norm, use_ghost_clipping=True)
-        dp_optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=plan.noise_multiplier,
-                                                       max_grad_norm=plan.clip_norm, expected_batch_size=None,
-                                                       loss_reduction="sum", generator=generator)
+                                                      max_grad_norm=clip_norm, use_ghost_clipping=True)
+        dp_optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=sigma, max_grad_norm=clip_norm,
+                                                       expected_batch_size=None, loss_reduction="sum",
+                                                       generator=generator)
         dp_criterion = DPLossFastGradientClipping(module, dp_optimizer, criterion, loss_reduction="sum")
         return module, dp_optimizer, dp_criterion
     module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=plan.noise_multiplier, max_grad_norm=plan.clip_norm,
-                               expected_batch_size=None, loss_reduction="sum", generator=generator)
+    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=clip_norm, expected_batch_size=None,
+                               loss_reduction="sum", generator=generator)
     return module, dp_optimizer, criterion
 
 

@@ -15,7 +15,8 @@ _ids = itertools.count()
 
 
 def plan(**changes) -> LocalTrainingPlan:
-    values = dict(server_round=1, lr=0.1, user_lr=0.1, steps=1, sample_rate=1.0, num_negatives=3, dp=True,
+    values = dict(server_round=1, lr=0.1, user_lr=0.1, user_step_cap=0.0, user_scale=1.0, bias_scale=1.0, train_biases=True, steps=1, user_steps=0,
+                  user_noise_multiplier=1.0, sample_rate=1.0, num_negatives=3, dp=True,
                   noise_multiplier=1.0, clip_norm=1.0, delta=1e-5, grad_sample_mode="hooks")
     values.update(changes)
     return LocalTrainingPlan(**values)

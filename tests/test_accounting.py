@@ -11,8 +11,8 @@ from opacus.accountants import RDPAccountant
 
 from shared.privacy.accounting import (
     RDP_ORDERS,
-    append_steps,
     calibrate_noise_multiplier,
+    compact_history,
     epsilon,
     epsilon_after,
     normalize_history,
@@ -51,11 +51,10 @@ def test_no_steps_means_no_epsilon():
     assert epsilon([], delta=1e-5) == 0.0
 
 
-def test_append_merges_like_opacus():
-    history = append_steps([], noise_multiplier=1.0, sample_rate=0.5, steps=2)
-    history = append_steps(history, noise_multiplier=1.0, sample_rate=0.5, steps=3)
-    history = append_steps(history, noise_multiplier=2.0, sample_rate=0.5, steps=1)
-    assert history == [(1.0, 0.5, 5), (2.0, 0.5, 1)]
+def test_compacting_merges_equal_mechanisms_and_keeps_epsilon():
+    history = [(1.0, 0.5, 2), (2.0, 0.5, 1), (1.0, 0.5, 3), (2.0, 0.25, 0)]
+    assert compact_history(history) == [(1.0, 0.5, 5), (2.0, 0.5, 1)]
+    assert epsilon(compact_history(history), delta=1e-5) == pytest.approx(epsilon(history, delta=1e-5), rel=1e-12)
 
 
 def test_bad_history_entries_are_named():
@@ -71,7 +70,7 @@ rates = st.floats(min_value=0.001, max_value=1.0)
 @given(sigma=sigmas, q=rates, steps=st.integers(1, 500), more=st.integers(1, 500))
 def test_epsilon_never_decreases_with_more_steps(sigma, q, steps, more):
     before = epsilon([(sigma, q, steps)], delta=1e-5)
-    after = epsilon_after([(sigma, q, steps)], noise_multiplier=sigma, sample_rate=q, steps=more, delta=1e-5)
+    after = epsilon_after([(sigma, q, steps)], [(sigma, q, more)], delta=1e-5)
     assert after >= before
 
 

@@ -46,7 +46,7 @@ def test_flwr_run_on_local_simulation(tmp_path):
         assert (run_dir / "summary.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["devices"] == 8 and summary["rounds"] == 2 and summary["dp"] is True
-        assert [json.loads(line)["round"] for line in (run_dir / "ledger.jsonl").read_text().splitlines()] == [1, 2]
+        assert [json.loads(line)["round"] for line in (run_dir / "ledger.jsonl").read_text().splitlines()] == [0, 1, 2]
     finally:
         # `flwr run` leaves its local SuperLink running in the background: stop it (and its executor) by PID.
         stop(processes_mentioning(str(home)))

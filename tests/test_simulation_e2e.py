@@ -61,6 +61,8 @@ def test_run_directory_and_summary(finished_run):
     train_lines = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["kind"] == "train"]
     assert [m["round"] for m in train_lines] == [1, 2, 3]
     assert all(m["trained"] + m["declined"] == 8 for m in train_lines)
+    assert summary["federated_eval"]["devices"] == 24
+    assert all(m["trained"] + m["declined"] == 8 for m in train_lines)
 
 
 def test_federated_evaluation_equals_the_central_one(finished_run):
@@ -76,10 +78,10 @@ def test_reported_epsilon_equals_an_independent_recomputation(finished_run):
     ledger = read_jsonl(run_dir / "ledger.jsonl")
     histories: dict[str, list] = {}
     reported: dict[str, float] = {}
+    assert ledger[0]["kind"] == "popularity" and ledger[0]["round"] == 0
     for entry in ledger:
-        plan = entry["plan"]
         for device in entry["trained"]:
-            histories.setdefault(device, []).append((plan["noise-multiplier"], plan["sample-rate"], plan["steps"]))
+            histories.setdefault(device, []).extend(tuple(step) for step in entry["privacy_steps"])
         reported.update(entry["epsilon_reported"])
     assert histories
     for device, history in histories.items():
@@ -104,16 +106,17 @@ def test_resume_continues_rounds_ledger_and_budgets(tmp_path):
 
     config = RunConfig(devices=10, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=10,
                        embedding_dim=4, num_negatives=4, rounds=2, devices_per_round=10, eval_every=5,
-                       noise_multiplier=3.0, out_dir=str(tmp_path / "run"))
+                       noise_multiplier=3.0, prior_noise_multiplier=1.0, out_dir=str(tmp_path / "run"))
     simulate(config)
     before = FileStateStore(tmp_path / "run" / "device-state" / "sim-0.json").load()
-    assert before.rounds == (1, 2)
+    assert before.rounds == (0, 1, 2)  # round 0: the popularity report
     with pytest.raises(Exception, match="already holds a run"):
         simulate(config.replace(rounds=3))
     summary = simulate(config.replace(rounds=3, resume=True))
     after = FileStateStore(tmp_path / "run" / "device-state" / "sim-0.json").load()
-    assert after.rounds == (1, 2, 3) and after.history == ((3.0, 1.0, 3),)
-    assert [e["round"] for e in read_jsonl(tmp_path / "run" / "ledger.jsonl")] == [1, 2, 3]
+    assert after.rounds == (0, 1, 2, 3)
+    assert dict(((s, q), n) for s, q, n in after.history) == {(1.0, 1.0): 1, (3.0, 1.0): 3, (6.0, 1.0): 3}
+    assert [e["round"] for e in read_jsonl(tmp_path / "run" / "ledger.jsonl")] == [0, 1, 2, 3]
     assert summary["rounds"] == 3
 
 
@@ -138,8 +141,8 @@ def test_bad_replies_are_rejected_and_rounds_complete(tmp_path):
                        noise_multiplier=3.0, out_dir=str(tmp_path / "run"))
     summary = simulate(config, client_mods=[corrupt])
     ledger = read_jsonl(tmp_path / "run" / "ledger.jsonl")
-    assert len(ledger) == 2
-    for entry in ledger:
+    assert [e["kind"] for e in ledger] == ["popularity", "train", "train"]
+    for entry in ledger[1:]:
         assert set(entry["rejected"]) == {"sim-1", "sim-2"}
         assert "NaN" in entry["rejected"]["sim-1"] and "shape" in entry["rejected"]["sim-2"]
         assert len(entry["trained"]) == 6

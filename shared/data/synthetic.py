@@ -16,7 +16,7 @@ from functools import cached_property
 
 import numpy as np
 
-from .interactions import DeviceEvents, Interactions
+from .interactions import DeviceEvents
 
 TASTE_CONCENTRATION = 0.15  # Dirichlet alpha: most devices care about 1-3 topics
 EVENT_SPREAD = 0.6  # sigma of the log-normal number of events per device
@@ -76,14 +76,6 @@ class SyntheticSpec:
         start = int(rng.integers(1_500_000_000, 1_600_000_000))
         times = start + np.cumsum(rng.integers(60, 86_400, size=n)).astype(np.int64)
         return DeviceEvents(items=items, times=times, weights=np.ones(n, dtype=np.float32))
-
-    def interactions(self) -> Interactions:
-        logs = [self.device_events(k) for k in range(self.num_devices)]
-        users = np.repeat(np.arange(self.num_devices), [len(e) for e in logs])
-        return Interactions(users=users.astype(np.int64), items=np.concatenate([e.items for e in logs]),
-                            times=np.concatenate([e.times for e in logs]),
-                            weights=np.concatenate([e.weights for e in logs]),
-                            num_devices=self.num_devices, num_items=self.num_items)
 
     def _device_rng(self, k: int) -> np.random.Generator:
         return np.random.default_rng([self.seed, 0xDE71CE, k])

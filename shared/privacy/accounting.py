@@ -34,17 +34,12 @@ def normalize_history(history: Iterable[Sequence[float]]) -> list[HistoryEntry]:
     return out
 
 
-def append_steps(history: Sequence[HistoryEntry], *, noise_multiplier: float, sample_rate: float,
-                 steps: int) -> list[HistoryEntry]:
-    """History after `steps` more steps at (sigma, q), merged like Opacus's RDPAccountant.step."""
-    out = list(history)
-    if steps <= 0:
-        return out
-    if out and out[-1][0] == noise_multiplier and out[-1][1] == sample_rate:
-        out[-1] = (noise_multiplier, sample_rate, out[-1][2] + steps)
-    else:
-        out.append((noise_multiplier, sample_rate, steps))
-    return out
+def compact_history(history: Iterable[Sequence[float]]) -> list[HistoryEntry]:
+    """Merge entries with the same (sigma, q), keeping first-seen order: RDP composition is order-free."""
+    steps: dict[tuple[float, float], int] = {}
+    for sigma, q, n in history:
+        steps[(float(sigma), float(q))] = steps.get((float(sigma), float(q)), 0) + int(n)
+    return [(sigma, q, n) for (sigma, q), n in steps.items() if n > 0]
 
 
 @lru_cache(maxsize=1024)
@@ -71,24 +66,33 @@ def epsilon(history: Iterable[HistoryEntry], *, delta: float) -> float:
     return float(eps)
 
 
-def epsilon_after(history: Sequence[HistoryEntry], *, noise_multiplier: float, sample_rate: float, steps: int,
-                  delta: float) -> float:
-    """Epsilon the device would have after `steps` more steps: checked before any data is touched."""
-    return epsilon(append_steps(history, noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps),
-                   delta=delta)
+def epsilon_after(history: Sequence[HistoryEntry], round_steps: Sequence[HistoryEntry], *, delta: float) -> float:
+    """Epsilon the device would have after a round's steps: checked before any data is touched."""
+    return epsilon(compact_history([*history, *round_steps]), delta=delta)
 
 
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                               tolerance: float = 1e-3) -> float:
-    """Smallest sigma (to `tolerance`) whose `steps` steps at rate q stay within target_epsilon."""
+                               tolerance: float = 1e-3, user_steps: int = 0, user_noise_ratio: float = 1.0,
+                               fixed_history: Sequence[HistoryEntry] = ()) -> float:
+    """Smallest sigma (to `tolerance`) at which `steps` steps at sigma (plus `user_steps` steps at
+    user_noise_ratio * sigma), all at rate q, after `fixed_history`, stay within target_epsilon."""
+    if epsilon(fixed_history, delta=delta) >= target_epsilon:
+        raise ValueError(f"the fixed steps {list(fixed_history)} alone exceed epsilon {target_epsilon}")
+
+    def eps(sigma: float) -> float:
+        history = [*fixed_history, (sigma, sample_rate, steps)]
+        if user_steps:
+            history.append((user_noise_ratio * sigma, sample_rate, user_steps))
+        return epsilon(compact_history(history), delta=delta)
+
     lo, hi = 0.05, 1.0
-    while epsilon([(hi, sample_rate, steps)], delta=delta) > target_epsilon:
+    while eps(hi) > target_epsilon:
         lo, hi = hi, hi * 2
         if hi > 1e5:
             raise ValueError(f"cannot reach epsilon {target_epsilon} with {steps} steps at q={sample_rate}")
     while hi - lo > tolerance:
         mid = (lo + hi) / 2
-        if epsilon([(mid, sample_rate, steps)], delta=delta) > target_epsilon:
+        if eps(mid) > target_epsilon:
             lo = mid
         else:
             hi = mid

@@ -1,0 +1,147 @@
+"""The server's algorithm without transport: initial model, sampling, round plans, aggregation.
+
+Shared by the Flower round loop (server/loop.py) and the plain loop without Flower
+(simulation/plain.py), so both run the same federation for the same seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+from scipy.stats import binom
+
+from shared.config import AUTO, RunConfig
+from shared.data.catalogue import Catalogue
+from shared.model import ItemTables
+from shared.popularity import PopularityPlan, biases_from_counts
+from shared.privacy.accounting import calibrate_noise_multiplier
+from shared.training import LocalTrainingPlan
+
+from .aggregation import Delta, ServerOptimizer, mean_delta
+
+PARTICIPATION_QUANTILE = 0.9  # 'auto' sigma keeps 90% of devices within budget for the whole run
+TRAIN_SALT, EVAL_SALT = 0x7A1, 0xE7A1
+POPULARITY_ROUND = 0
+PRIOR_BUDGET_SHARE = 0.5  # 'auto' prior noise: the report alone reaches half the budget (RDP composes sub-additively)
+
+
+def initial_tables(config: RunConfig, catalogue: Catalogue) -> ItemTables:
+    """Random item embeddings, plus a shared random direction per public category when configured.
+
+    Categories are public catalogue metadata: items of a category start close together, which
+    gives users' rows something to align with from the first round at no privacy cost.
+    """
+    rng = np.random.default_rng([config.seed, 0x17E4])
+    tables = ItemTables.initial(catalogue.num_items, config.embedding_dim, scale=config.init_scale, rng=rng)
+    if config.category_init <= 0 or not catalogue.categories:
+        return tables
+    labels = [[c for c in str(cats).split("|") if c] for cats in catalogue.categories]
+    names = sorted({c for item in labels for c in item})
+    directions = np.random.default_rng([config.seed, 0xCA7]).standard_normal((len(names), config.embedding_dim))
+    index = {name: k for k, name in enumerate(names)}
+    shared = np.zeros_like(tables.embedding)
+    for i, item in enumerate(labels):
+        if item:
+            shared[i] = directions[[index[c] for c in item]].mean(axis=0)
+    return ItemTables(embedding=(tables.embedding + config.category_init * shared).astype(np.float32),
+                      bias=tables.bias)
+
+
+def sample_devices(device_ids: Iterable[str], count: int, *, seed: int, server_round: int, salt: int) -> list[str]:
+    """`count` devices (all if fewer), chosen by (seed, round) over the sorted ids: reproducible."""
+    devices = sorted(device_ids)
+    if count <= 0 or count >= len(devices):
+        return devices
+    rng = np.random.default_rng([seed, server_round, salt])
+    return sorted(devices[i] for i in rng.choice(len(devices), size=count, replace=False))
+
+
+def popularity_plan(config: RunConfig) -> PopularityPlan | None:
+    if not config.popularity_prior:
+        return None
+    sigma = 0.0
+    if config.dp:
+        sigma = (float(config.prior_noise_multiplier) if config.prior_noise_multiplier != AUTO else
+                 calibrate_noise_multiplier(target_epsilon=PRIOR_BUDGET_SHARE * config.epsilon_budget,
+                                            delta=config.delta, sample_rate=1.0, steps=1))
+    return PopularityPlan(server_round=POPULARITY_ROUND, dp=config.dp, noise_multiplier=sigma, delta=config.delta)
+
+
+def noise_multiplier_for(config: RunConfig, population: int) -> float:
+    """Sigma of the training rounds: 0 without DP, the configured value, or 'auto' calibrated to the budget.
+
+    'auto': the smallest sigma at which a device sampled in the 90th-percentile number of rounds
+    (binomial in rounds x devices-per-round / population) just fits its epsilon budget, after
+    the popularity report it makes before training.
+    """
+    if not config.dp:
+        return 0.0
+    if config.noise_multiplier != AUTO:
+        return float(config.noise_multiplier)
+    rate = min(1.0, config.devices_per_round / max(population, 1))
+    rounds_joined = max(1, int(binom.ppf(PARTICIPATION_QUANTILE, config.rounds, rate)))
+    prior = popularity_plan(config)
+    return calibrate_noise_multiplier(target_epsilon=config.epsilon_budget, delta=config.delta,
+                                      sample_rate=config.sample_rate, steps=rounds_joined * config.local_steps,
+                                      user_steps=rounds_joined * config.user_steps,
+                                      user_noise_ratio=config.user_noise_ratio,
+                                      fixed_history=prior.privacy_steps() if prior else ())
+
+
+def round_plan(config: RunConfig, server_round: int, noise_multiplier: float) -> LocalTrainingPlan:
+    return LocalTrainingPlan(server_round=server_round, lr=config.local_lr, user_lr=config.user_lr,
+                             user_step_cap=config.user_step_cap, user_scale=config.user_scale,
+                             bias_scale=config.bias_scale, train_biases=config.train_biases,
+                             steps=config.local_steps, user_steps=config.user_steps,
+                             user_noise_multiplier=config.user_noise_ratio * noise_multiplier if config.dp else 0.0,
+                             sample_rate=config.sample_rate, num_negatives=config.num_negatives, dp=config.dp,
+                             noise_multiplier=noise_multiplier if config.dp else 0.0, clip_norm=config.clip_norm,
+                             delta=config.delta, grad_sample_mode=config.grad_sample_mode)
+
+
+class ItemModelServer:
+    """The global item tables, the optimizer that applies each round's mean delta, and the known noise.
+
+    With FedAvg the DP noise in the item embeddings is a sum of known Gaussians, so its variance
+    per coordinate is tracked exactly; ranking uses the embeddings shrunk by that variance
+    (James-Stein, per item), which is post-processing of the private model.
+    """
+
+    def __init__(self, config: RunConfig, tables: ItemTables) -> None:
+        self.config = config
+        self.tables = tables
+        self.optimizer = ServerOptimizer(config.server_optimizer, lr=config.effective_server_lr, beta1=config.server_beta1,
+                                         beta2=config.server_beta2, tau=config.server_tau)
+        self.noise_variance = 0.0  # per embedding coordinate, accumulated over rounds (nan: unknown)
+
+    def set_popularity(self, total: np.ndarray, *, reports: int, noise_multiplier: float) -> None:
+        self.tables = ItemTables(embedding=self.tables.embedding,
+                                 bias=biases_from_counts(total, reports=reports, noise_multiplier=noise_multiplier))
+
+    def apply(self, updates: Mapping[str, Delta], plan: LocalTrainingPlan) -> float:
+        """Apply the uniform mean of the updates (in device-id order, so sums are reproducible); returns its norm."""
+        if not updates:
+            return float("nan")
+        delta = mean_delta([updates[d] for d in sorted(updates)])
+        self.tables = self.optimizer.apply(self.tables, delta)
+        if self.optimizer.kind == "fedavg":
+            step_noise = self.optimizer.lr * plan.lr * plan.noise_multiplier * plan.clip_norm
+            self.noise_variance += step_noise**2 * plan.steps / len(updates)
+        else:
+            self.noise_variance = float("nan")
+        return float(np.sqrt(np.sum(delta[0].astype(np.float64) ** 2) + np.sum(delta[1].astype(np.float64) ** 2)))
+
+    def serving_tables(self) -> ItemTables:
+        """The tables devices rank with: embeddings shrunk toward zero by their known noise (if enabled)."""
+        if not self.config.ranking_shrinkage or not self.noise_variance > 0:
+            return self.tables
+        return shrink_embeddings(self.tables, self.noise_variance)
+
+
+def shrink_embeddings(tables: ItemTables, noise_variance: float) -> ItemTables:
+    """Positive-part James-Stein per item row: factor 1 - dim * var / |q_i|^2, floored at 0."""
+    emb = tables.embedding.astype(np.float64)
+    norms = np.sum(emb**2, axis=1)
+    factor = np.clip(1.0 - tables.dim * noise_variance / np.maximum(norms, 1e-12), 0.0, 1.0)
+    return ItemTables(embedding=(emb * factor[:, None]).astype(np.float32), bias=tables.bias)

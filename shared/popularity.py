@@ -1,0 +1,58 @@
+"""A private estimate of item popularity, reported once by every device before training.
+
+A device reports its item indicator (1 for each distinct item it has, weights clipped to
+[0, 1]) plus N(0, sigma^2) noise on every entry. Adding or removing one interaction changes
+one entry by at most 1, so this is a Gaussian mechanism with L2 sensitivity 1: the same RDP
+as one DP-SGD step at (sigma, q=1), and it enters the device's history as exactly that.
+The server sums the reports; log counts become the item biases (popularity prior).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from .privacy.accounting import HistoryEntry
+from .training import PlanError, plan_from_config
+
+
+@dataclass(frozen=True)
+class PopularityPlan:
+    server_round: int  # 0: before the first training round
+    dp: bool
+    noise_multiplier: float
+    delta: float
+
+    def __post_init__(self) -> None:
+        if self.dp and not self.noise_multiplier > 0:
+            raise PlanError(f"popularity plan: noise_multiplier={self.noise_multiplier!r} must be > 0 with DP")
+        if not 0 < self.delta < 1:
+            raise PlanError(f"popularity plan: delta={self.delta!r} is out of range")
+
+    def privacy_steps(self) -> list[HistoryEntry]:
+        return [(self.noise_multiplier, 1.0, 1)] if self.dp else []
+
+    def to_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> PopularityPlan:
+        return plan_from_config(cls, config)
+
+
+def noisy_indicator(items: np.ndarray, weights: np.ndarray, num_items: int, *, plan: PopularityPlan,
+                    seed: int) -> np.ndarray:
+    indicator = np.zeros(num_items, dtype=np.float64)
+    np.maximum.at(indicator, items, np.clip(weights, 0.0, 1.0))
+    if plan.dp:
+        indicator += np.random.default_rng(seed).normal(0.0, plan.noise_multiplier, size=num_items)
+    return indicator.astype(np.float32)
+
+
+def biases_from_counts(total: np.ndarray, *, reports: int, noise_multiplier: float) -> np.ndarray:
+    """Centred log counts, smoothed by the noise level of the sum (post-processing: no privacy cost)."""
+    smoothing = max(1.0, noise_multiplier * np.sqrt(max(reports, 1)))
+    logs = np.log(np.maximum(total.astype(np.float64), 0.0) + smoothing)
+    return (logs - logs.mean()).astype(np.float32)
