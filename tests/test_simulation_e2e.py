@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from pathlib import Path
@@ -21,14 +22,29 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def ray_processes() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout.splitlines()
-    return [line for line in out if "raylet" in line or "gcs_server" in line or line.startswith("ray::")]
+def ray_processes() -> dict[int, str]:
+    """Ray daemons and workers that are ours: descendants of this process, or orphans (parent 1)."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines() if len(line.split(None, 2)) == 3]
+    parent = {int(pid): int(ppid) for pid, ppid, _ in rows}
+
+    def ours(pid: int) -> bool:
+        if parent.get(pid) == 1:
+            return True
+        while pid in parent and pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parent[pid]
+        return False
+
+    tags = ("raylet", "gcs_server", "ray::", "default_worker.py", "ClientAppActor")
+    return {int(pid): args for pid, _, args in rows if any(t in args for t in tags) and ours(int(pid))}
 
 
-def wait_until_no_ray(timeout: float = 20.0) -> list[str]:
+def wait_until_gone(started: set[int], timeout: float = 20.0) -> dict[int, str]:
+    """Our Ray processes that appeared after `started` was taken and are still there after `timeout`."""
     deadline = time.monotonic() + timeout
-    while (left := ray_processes()) and time.monotonic() < deadline:
+    while (left := {p: a for p, a in ray_processes().items() if p not in started}) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
 
@@ -38,15 +54,16 @@ def finished_run(tmp_path_factory):
     from shared.config import RunConfig
 
     root = tmp_path_factory.mktemp("e2e")
+    before = set(ray_processes())  # other Ray sessions on this machine are not ours to judge
     config = RunConfig(devices=24, synthetic_items=60, synthetic_topics=4, synthetic_mean_events=12,
                        embedding_dim=4, num_negatives=4, rounds=3, devices_per_round=8, eval_every=2,
                        eval_devices=8, epsilon_budget=4.0, out_dir=str(root / "run"))
     summary = simulate(config)
-    return config, summary, Path(config.out_dir)
+    return config, summary, Path(config.out_dir), before
 
 
 def test_run_directory_and_summary(finished_run):
-    config, summary, run_dir = finished_run
+    config, summary, run_dir, _ = finished_run
     assert {p.name for p in run_dir.iterdir()} >= {"config.json", "metrics.jsonl", "ledger.jsonl",
                                                     "checkpoint.npz", "summary.json", "device-state"}
     assert summary["dataset"] == "synthetic" and summary["devices"] == 24 and summary["rounds"] == 3
@@ -67,14 +84,14 @@ def test_run_directory_and_summary(finished_run):
 
 def test_federated_evaluation_equals_the_central_one(finished_run):
     """Every device evaluated itself in the final round; the summary recomputed it centrally."""
-    _, summary, _ = finished_run
+    _, summary, _, _ = finished_run
     assert summary["federated_eval"]["devices"] == 24
     for key in ("hr@10", "ndcg@10", "recall@20"):
         assert summary["federated_eval"][key] == pytest.approx(summary["metrics"][key], abs=1e-9)
 
 
 def test_reported_epsilon_equals_an_independent_recomputation(finished_run):
-    _, _, run_dir = finished_run
+    _, _, run_dir, _ = finished_run
     ledger = read_jsonl(run_dir / "ledger.jsonl")
     histories: dict[str, list] = {}
     reported: dict[str, float] = {}
@@ -89,7 +106,7 @@ def test_reported_epsilon_equals_an_independent_recomputation(finished_run):
 
 
 def test_user_rows_stay_in_device_state(finished_run):
-    _, _, run_dir = finished_run
+    _, _, run_dir, _ = finished_run
     states = sorted((run_dir / "device-state").glob("sim-*.json"))
     assert states
     ledger_text = (run_dir / "ledger.jsonl").read_text() + (run_dir / "metrics.jsonl").read_text()
@@ -97,7 +114,7 @@ def test_user_rows_stay_in_device_state(finished_run):
 
 
 def test_no_background_process_is_left(finished_run):
-    assert wait_until_no_ray() == []
+    assert wait_until_gone(finished_run[3]) == {}
 
 
 def test_resume_continues_rounds_ledger_and_budgets(tmp_path):
