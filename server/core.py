@@ -48,12 +48,20 @@ def initial_tables(config: RunConfig, catalogue: Catalogue) -> ItemTables:
                       bias=tables.bias)
 
 
-def sample_devices(device_ids: Iterable[str], count: int, *, seed: int, server_round: int, salt: int) -> list[str]:
-    """`count` devices (all if fewer), chosen by (seed, round) over the sorted ids: reproducible."""
+def sample_devices(device_ids: Iterable[str], count: int, *, seed: int, server_round: int, salt: int,
+                   poisson: bool = False) -> list[str]:
+    """Devices for a round, seeded by (seed, round) over the sorted ids: reproducible.
+
+    Fixed: exactly `count` (all if fewer), without replacement. Poisson: each device
+    independently with rate count / len(devices), as user-level DP amplification assumes.
+    """
     devices = sorted(device_ids)
+    rng = np.random.default_rng([seed, server_round, salt])
+    if poisson:
+        rate = min(1.0, count / max(len(devices), 1))
+        return [d for d, keep in zip(devices, rng.random(len(devices)) < rate) if keep]
     if count <= 0 or count >= len(devices):
         return devices
-    rng = np.random.default_rng([seed, server_round, salt])
     return sorted(devices[i] for i in rng.choice(len(devices), size=count, replace=False))
 
 
@@ -119,24 +127,52 @@ class ItemModelServer:
         self.tables = ItemTables(embedding=self.tables.embedding,
                                  bias=biases_from_counts(total, reports=reports, noise_multiplier=noise_multiplier))
 
-    def apply(self, updates: Mapping[str, Delta], plan: LocalTrainingPlan) -> float:
-        """Apply the uniform mean of the updates (in device-id order, so sums are reproducible); returns its norm."""
+    def apply(self, updates: Mapping[str, Delta], plan: LocalTrainingPlan) -> dict[str, float]:
+        """Clip, average (uniformly, in device-id order so sums are reproducible), noise and apply the updates.
+
+        Returns what happened: the mean delta's norm and how many updates the clip shortened.
+        """
         if not updates:
-            return float("nan")
-        delta = mean_delta([updates[d] for d in sorted(updates)])
-        self.tables = self.optimizer.apply(self.tables, delta)
+            return {"mean_delta_norm": float("nan"), "clipped": 0}
+        clip = self.config.delta_clip_norm
+        deltas, clipped = [], 0
+        for device in sorted(updates):
+            delta = updates[device]
+            if clip > 0:
+                delta, was_clipped = clip_delta(delta, clip)
+                clipped += was_clipped
+            deltas.append(delta)
+        mean = mean_delta(deltas)
+        central_std = 0.0
+        if self.config.central_noise_multiplier > 0:
+            # User-level DP: N(0, (z S)^2) on the sum of clipped updates, i.e. (z S / n) on their mean.
+            central_std = self.config.central_noise_multiplier * clip / len(deltas)
+            rng = np.random.default_rng([self.config.seed, plan.server_round, 0xCE27])
+            mean = ((mean[0] + rng.normal(0.0, central_std, mean[0].shape)).astype(np.float32),
+                    (mean[1] + rng.normal(0.0, central_std, mean[1].shape)).astype(np.float32))
+        self.tables = self.optimizer.apply(self.tables, mean)
         if self.optimizer.kind == "fedavg":
             step_noise = self.optimizer.lr * plan.lr * plan.noise_multiplier * plan.clip_norm
-            self.noise_variance += step_noise**2 * plan.steps / len(updates)
+            self.noise_variance += step_noise**2 * plan.steps / len(deltas) + (self.optimizer.lr * central_std) ** 2
         else:
             self.noise_variance = float("nan")
-        return float(np.sqrt(np.sum(delta[0].astype(np.float64) ** 2) + np.sum(delta[1].astype(np.float64) ** 2)))
+        norm = float(np.sqrt(np.sum(mean[0].astype(np.float64) ** 2) + np.sum(mean[1].astype(np.float64) ** 2)))
+        return {"mean_delta_norm": norm, "clipped": clipped}
 
     def serving_tables(self) -> ItemTables:
         """The tables devices rank with: embeddings shrunk toward zero by their known noise (if enabled)."""
         if not self.config.ranking_shrinkage or not self.noise_variance > 0:
             return self.tables
         return shrink_embeddings(self.tables, self.noise_variance)
+
+
+def clip_delta(delta: Delta, bound: float) -> tuple[Delta, bool]:
+    """Scale a device's whole update (embeddings and biases together) down to L2 norm `bound`."""
+    norm = float(np.sqrt(np.sum(delta[0].astype(np.float64) ** 2) + np.sum(delta[1].astype(np.float64) ** 2)))
+    if norm <= bound:
+        return delta, False
+    factor = bound / norm
+    return ((delta[0] * factor).astype(np.float32), (delta[1] * factor).astype(np.float32)), True
 
 
 def shrink_embeddings(tables: ItemTables, noise_variance: float) -> ItemTables:

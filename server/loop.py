@@ -40,6 +40,7 @@ from .core import (
 from .records import LEDGER, METRICS, Checkpoint, RunRecords
 from .registry import DeviceRegistry
 from .replies import EvalReplies, TrainReplies, sort_eval_replies, sort_popularity_replies, sort_train_replies
+from .user_privacy import central_record
 
 log = logging.getLogger("fedrec.server")
 
@@ -116,7 +117,7 @@ class Federation:
                  time.monotonic() - started)
 
     def _record_round(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
-                      asked: dict[int, str], replies: TrainReplies) -> None:
+                      asked: dict[int, str], replies: TrainReplies, central: dict[str, Any] | None = None) -> None:
         """Append the round to the privacy ledger before anything else happens with its replies."""
         self.records.append(LEDGER, {
             "round": server_round, "kind": kind, "time": time.time(), "plan": plan,
@@ -124,6 +125,7 @@ class Federation:
             "asked": sorted(asked.values()), "trained": sorted(replies.updates), "declined": sorted(replies.declined),
             "rejected": replies.rejected, "failed": replies.failed,
             "epsilon_reported": {d: replies.epsilon[d] for d in sorted(replies.epsilon)},
+            **({"central": central} if central else {}),
         })
 
     def _checkpoint(self, server_round: int) -> None:
@@ -137,21 +139,22 @@ class Federation:
         started = time.monotonic()
         self.registry.refresh()
         chosen = sample_devices(self.registry.node_of, cfg.devices_per_round, seed=cfg.seed, server_round=server_round,
-                                salt=TRAIN_SALT)
+                                salt=TRAIN_SALT, poisson=cfg.device_sampling == "poisson")
         plan = round_plan(cfg, server_round, self.noise_multiplier)
         content = RecordDict({P.TABLES: _tables_record(self.model.tables), P.PLAN: ConfigRecord(plan.to_config())})
         asked = {self.registry.node_of[d]: d for d in chosen}
         messages = [Message(content, dst_node_id=node, message_type="train") for node in asked]
         replies = sort_train_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
                                      self.model.tables, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
-        self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies)
-        update_norm = self.model.apply(replies.updates, plan)
+        central = central_record(cfg, population=len(self.registry.node_of), contributors=len(replies.updates))
+        self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies, central)
+        applied = self.model.apply(replies.updates, plan)
         self._checkpoint(server_round)
         eps = list(replies.epsilon.values())
         line = {"round": server_round, "seconds": round(time.monotonic() - started, 3),
                 "trained": len(replies.updates), "declined": len(replies.declined),
                 "rejected": len(replies.rejected), "failed": len(replies.failed),
-                "epsilon_max_reported": max(eps) if eps else 0.0, "mean_delta_norm": update_norm}
+                "epsilon_max_reported": max(eps) if eps else 0.0, **applied}
         self.records.append(METRICS, {"kind": "train", **line})
         log.info("round %d/%d: %d trained, %d declined, %d rejected, %d failed, eps max %.3f (%.1fs)",
                  server_round, cfg.rounds, line["trained"], line["declined"], line["rejected"], line["failed"],

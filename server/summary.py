@@ -14,6 +14,7 @@ from shared.model import ItemTables
 from shared.ranking import refit_user_rows
 
 from .records import LEDGER, RunRecords
+from .user_privacy import user_level_summary
 
 log = logging.getLogger("fedrec.server")
 
@@ -39,6 +40,7 @@ def training_participants(records: RunRecords) -> set[str]:
 
 
 def privacy_summary(config: RunConfig, records: RunRecords, noise_multiplier: float) -> dict[str, Any]:
+    """`privacy` of the summary: record-level epsilon per device, and user-level epsilon when central DP ran."""
     latest, released, declined = device_epsilons(records)
     values = [latest[d] for d in sorted(released) if d in latest]
     record_level: dict[str, Any] = {
@@ -59,7 +61,11 @@ def privacy_summary(config: RunConfig, records: RunRecords, noise_multiplier: fl
     }
     if not config.dp:
         record_level["note"] = "DP disabled: updates are not private (epsilon is infinite)"
-    return {"record_level": record_level}
+    out: dict[str, Any] = {"record_level": record_level}
+    user_level = user_level_summary(config, records.read_jsonl(LEDGER))
+    if user_level is not None:
+        out["user_level"] = user_level
+    return out
 
 
 def reference_metrics(config: RunConfig, population: Population, tables: ItemTables) -> dict[str, Any]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 import tomllib
 from collections.abc import Sequence
@@ -85,6 +86,60 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    import json
+
+    from server.audit import audit_run
+    from server.audit_report import write_audit
+
+    if not args.run_dir and not args.attacks:
+        raise ConfigError("fedrec audit: give a RUN_DIR to audit, --attacks, or both")
+    result: dict = {}
+    if args.run_dir:
+        result = audit_run(Path(args.run_dir), tolerance=args.tolerance)
+        out = Path(args.out) if args.out else Path(args.run_dir) / "audit"
+        written = write_audit(result, out)
+        log.info("audit %s: %d flags; wrote %s", result["verdict"], len(result["flags"]), ", ".join(map(str, written)))
+    if args.attacks:
+        from .attacks import default_attack_config, run_attacks
+
+        config = default_attack_config()
+        overrides = parse_run_config(args.run_config or [])
+        if overrides:
+            config = RunConfig.from_mapping({**config.to_mapping(), **overrides}, source="fedrec audit --attacks")
+        attacks = run_attacks(config)
+        out = Path(args.out or (Path(args.run_dir) / "audit" if args.run_dir else "audit-attacks"))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "attacks.json").write_text(json.dumps(attacks, indent=2) + "\n", encoding="utf-8")
+        result = {**result, "attacks": attacks} if args.run_dir else attacks
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(format_audit(result, attacks_only=not args.run_dir))
+    failed = args.run_dir and result.get("verdict") == "fail"
+    return 1 if failed else 0
+
+
+def format_audit(result: dict, *, attacks_only: bool) -> str:
+    lines = []
+    if not attacks_only:
+        lines.append(f"privacy audit: {result['verdict'].upper()} - {result['devices']} devices, epsilon max reported "
+                     f"{result['epsilon_max_reported']:.4f}, recomputed {result['epsilon_max_recomputed']:.4f} "
+                     f"(PLD {result['epsilon_max_recomputed_pld']:.4f}), largest relative difference "
+                     f"{result['max_relative_diff']:.1e}, {len(result['over_budget'])} over budget, "
+                     f"{len(result['flags'])} flags")
+        lines += [f"  {f['severity']}: {f['message']}" for f in result["flags"][:20]]
+    attacks = result if attacks_only else result.get("attacks")
+    if attacks:
+        inference, canary = attacks["item_inference"], attacks["canary"]
+        lines.append(f"item inference AUC: {inference['dp']['auc']:.3f} with DP, {inference['no_dp']['auc']:.3f} "
+                     f"without (0.5 = chance)")
+        lines.append(f"canary audit: empirical epsilon lower bound {canary['epsilon_lower_bound']:.2f} with DP "
+                     f"(accountant {canary['epsilon_accountant']:.2f}), {canary['no_dp']['epsilon_lower_bound']:.2f} "
+                     f"without DP ({canary['correct']}/{canary['guesses']} correct guesses with DP)")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated recommender with differential privacy.")
     common = argparse.ArgumentParser(add_help=False)
@@ -107,6 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="more settings: a TOML file or 'key=value key=value' (keys as in pyproject.toml)")
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     sim.set_defaults(func=cmd_simulate)
+
+    audit = sub.add_parser("audit", parents=[common], help="recompute and check a run's privacy claims; attack checks")
+    audit.add_argument("run_dir", nargs="?", help="a run directory (its ledger and config are audited)")
+    audit.add_argument("--attacks", action="store_true",
+                       help="also run the empirical checks (item inference, canary membership) on a small synthetic "
+                            "federation (minutes)")
+    audit.add_argument("--json", action="store_true", help="print the machine-readable verdict")
+    audit.add_argument("--out", help="where to write audit.md/json, plots (default RUN_DIR/audit)")
+    audit.add_argument("--tolerance", type=float, default=1e-3,
+                       help="relative difference allowed between reported and recomputed epsilon")
+    audit.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS",
+                       help="settings of the attack federation (keys as in pyproject.toml)")
+    audit.set_defaults(func=cmd_audit)
 
     prep = sub.add_parser("prepare", parents=[common], help="turn a raw data set into per-device partitions and a catalogue")
     prep.add_argument("--dataset", required=True, help="movielens")
@@ -135,6 +203,7 @@ def configure_logging(verbose: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `fedrec audit --json | head` ends quietly
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:

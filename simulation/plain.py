@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,7 +51,12 @@ def build_devices(config: RunConfig, population: Population) -> dict[str, Device
             for k in range(population.num_devices)}
 
 
-def run_plain(config: RunConfig, *, engine: str = "cohort", population: Population | None = None) -> PlainResult:
+Observer = Callable[[int, dict], None]  # (server round, device -> (embedding delta, bias delta)) as the server sees it
+
+
+def run_plain(config: RunConfig, *, engine: str = "cohort", population: Population | None = None,
+              observe: Observer | None = None) -> PlainResult:
+    """Run the federation; `observe` sees every round's per-device updates, as the server does (for attacks)."""
     if engine not in ENGINES:
         raise ValueError(f"engine '{engine}': expected one of {ENGINES}")
     population = population or open_population(config)
@@ -71,13 +77,15 @@ def run_plain(config: RunConfig, *, engine: str = "cohort", population: Populati
     for server_round in range(1, config.rounds + 1):
         started = time.perf_counter()
         chosen = sample_devices(devices, config.devices_per_round, seed=config.seed, server_round=server_round,
-                                salt=TRAIN_SALT)
+                                salt=TRAIN_SALT, poisson=config.device_sampling == "poisson")
         plan = round_plan(config, server_round, result.noise_multiplier)
         if engine == "cohort":
             outcomes = train_devices([devices[d] for d in chosen], plan, server.tables)
         else:
             outcomes = [devices[d].train(plan, server.tables) for d in chosen]
         updates = _collect(chosen, outcomes, result)
+        if observe is not None:
+            observe(server_round, updates)
         server.apply(updates, plan)
         result.round_seconds.append(time.perf_counter() - started)
         log.debug("plain round %d: %d trained in %.2fs", server_round, len(updates), result.round_seconds[-1])

@@ -8,6 +8,11 @@ for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "
                      "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}.items():
     os.environ.setdefault(_key, _value)
 
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 
 from shared.config import RunConfig  # noqa: E402
@@ -19,3 +24,50 @@ def small_config(tmp_path) -> RunConfig:
     return RunConfig(devices=12, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=12,
                      embedding_dim=4, num_negatives=4, rounds=3, devices_per_round=6, eval_every=2,
                      eval_devices=6, out_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"))
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def ray_processes() -> dict[int, str]:
+    """Ray daemons and workers that are ours: descendants of this process, or orphans (parent 1)."""
+    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
+    rows = [line.split(None, 2) for line in out.splitlines() if len(line.split(None, 2)) == 3]
+    parent = {int(pid): int(ppid) for pid, ppid, _ in rows}
+
+    def ours(pid: int) -> bool:
+        if parent.get(pid) == 1:
+            return True
+        while pid in parent and pid > 1:
+            if pid == os.getpid():
+                return True
+            pid = parent[pid]
+        return False
+
+    tags = ("raylet", "gcs_server", "ray::", "default_worker.py", "ClientAppActor")
+    return {int(pid): args for pid, _, args in rows if any(t in args for t in tags) and ours(int(pid))}
+
+
+def wait_until_gone(started: set[int], timeout: float = 20.0) -> dict[int, str]:
+    """Our Ray processes that appeared after `started` was taken and are still there after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while (left := {p: a for p, a in ray_processes().items() if p not in started}) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """One small simulation through the real Flower app, shared by the tests that read its run directory."""
+    from simulation.runner import simulate
+
+    root = tmp_path_factory.mktemp("e2e")
+    before = set(ray_processes())  # other Ray sessions on this machine are not ours to judge
+    config = RunConfig(devices=24, synthetic_items=60, synthetic_topics=4, synthetic_mean_events=12,
+                       embedding_dim=4, num_negatives=4, rounds=3, devices_per_round=8, eval_every=2,
+                       eval_devices=8, epsilon_budget=4.0, out_dir=str(root / "run"))
+    summary = simulate(config)
+    return config, summary, Path(config.out_dir), before
+
+

@@ -1,0 +1,304 @@
+"""Independent audit of a run's privacy claims, from its run directory alone (no device data or code).
+
+1. read config.json and the ledger (a line torn by a crash ends it, and is reported);
+2. re-derive from every round's *plan* (not from what the server summarised) the DP steps it
+   asked of each device, and check the plan against the run's config;
+3. per device, compose the steps of every round it released something in and recompute epsilon
+   with Google's dp-accounting: RDP at the same orders and conversion as the devices (the
+   comparison), and PLD (a tighter reference) - an accountant the devices did not use;
+4. flag any device whose reported epsilon differs from the recomputation (reporting less is
+   tampering), any device over its budget, and any round whose parameters differ from the config;
+5. the same for user-level (central) DP when the run used it, under each sampling assumption.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import dp_accounting
+import numpy as np
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+
+from shared.config import AUTO, ConfigError, RunConfig
+
+from .records import CONFIG, LEDGER
+
+# The devices' accountant uses Opacus's orders; the audit evaluates RDP at the same ones.
+RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
+PLD_DISCRETIZATION = 1e-4
+DEFAULT_TOLERANCE = 1e-3  # relative; dp-accounting's and Opacus's RDP code differ by ~1e-5 here
+
+NEIGHBOURING = ("Record level, per device: two behaviour logs of the same device are neighbours if one has one "
+                "interaction more (added or removed). A device's epsilon bounds what everything it ever sent - "
+                "its popularity report and all its item updates - reveals about any single interaction.")
+SAMPLING = ("Within a device, each DP-SGD step samples every interaction independently with the rate q the server "
+            "fixed (Poisson sampling), which is what the accounting assumes. Which devices take part in a round is "
+            "chosen by the server, which therefore knows it: record-level epsilon takes no amplification from "
+            "device sampling.")
+NOT_COVERED = ("Not covered by the record-level guarantee: evaluation replies (a device's ranking metrics on its own "
+               "held-out item) and the fact that a device takes part at all.")
+
+Step = tuple[float, float, int]  # (noise multiplier, sampling rate, steps), as in the devices' history
+
+
+@dataclass
+class Flag:
+    severity: str  # "error" fails the audit, "warning" and "info" do not
+    code: str
+    message: str
+    device: str | None = None
+    round: int | None = None
+
+
+@dataclass
+class DeviceAudit:
+    device: str
+    rounds: list[int] = field(default_factory=list)  # rounds it released something in
+    steps: list[Step] = field(default_factory=list)
+    reported: float | None = None  # latest epsilon it reported
+    recomputed_rdp: float = 0.0
+    recomputed_pld: float = 0.0
+    trajectory: list[tuple[int, float]] = field(default_factory=list)  # (round, recomputed epsilon after it)
+
+
+def plan_steps(entry: dict[str, Any]) -> list[Step]:
+    """The DP steps a round's plan asks of each device, derived from the plan itself."""
+    plan = entry["plan"]
+    if not plan.get("dp", False):
+        return []
+    if entry.get("kind") == "popularity":
+        return [(float(plan["noise-multiplier"]), 1.0, 1)]
+    steps = [(float(plan["noise-multiplier"]), float(plan["sample-rate"]), int(plan["steps"]))]
+    if int(plan.get("user-steps", 0)) > 0:
+        steps.append((float(plan["user-noise-multiplier"]), float(plan["sample-rate"]), int(plan["user-steps"])))
+    return steps
+
+
+def _compact(steps: Iterable[Step]) -> tuple[Step, ...]:
+    merged: dict[tuple[float, float], int] = {}
+    for sigma, q, n in steps:
+        merged[(sigma, q)] = merged.get((sigma, q), 0) + int(n)
+    return tuple(sorted((s, q, n) for (s, q), n in merged.items() if n > 0))
+
+
+def _event(sigma: float, q: float) -> dp_accounting.DpEvent:
+    gaussian = dp_accounting.GaussianDpEvent(sigma)
+    return gaussian if q >= 1.0 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
+
+
+@lru_cache(maxsize=4096)
+def rdp_epsilon(steps: tuple[Step, ...], delta: float) -> float:
+    if not steps:
+        return 0.0
+    accountant = RdpAccountant(orders=list(RDP_ORDERS))
+    for sigma, q, n in steps:
+        accountant.compose(_event(sigma, q), n)
+    return float(accountant.get_epsilon(delta))
+
+
+@lru_cache(maxsize=4096)
+def pld_epsilon(steps: tuple[Step, ...], delta: float) -> float:
+    if not steps:
+        return 0.0
+    accountant = PLDAccountant(value_discretization_interval=PLD_DISCRETIZATION)
+    for sigma, q, n in steps:
+        accountant.compose(_event(sigma, q), n)
+    return float(accountant.get_epsilon(delta))
+
+
+def classic_rdp_conversion(orders: Sequence[float], rdp: Sequence[float], delta: float) -> float:
+    """epsilon = min over orders of rdp - log(delta) / (order - 1) (Mironov 2017, Prop. 3); TF Privacy's tables."""
+    return float(min(r - math.log(delta) / (a - 1) for a, r in zip(orders, rdp)))
+
+
+def user_level_epsilon(central: list[dict[str, Any]], *, sampling: str, delta: float) -> float:
+    """User-level epsilon of the central-noise rounds, straight from dp-accounting (not the server's code)."""
+    relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if sampling == "fixed"
+                else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    accountant = RdpAccountant(orders=list(RDP_ORDERS), neighboring_relation=relation)
+    for record in central:
+        gaussian = dp_accounting.GaussianDpEvent(float(record["noise_multiplier"]))
+        population, size = int(record["population"]), int(record["sample_size"])
+        if sampling == "poisson":
+            accountant.compose(dp_accounting.PoissonSampledDpEvent(size / population, gaussian))
+        elif sampling == "fixed":
+            accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(population, size, gaussian))
+        else:
+            accountant.compose(gaussian)
+    return float(accountant.get_epsilon(delta))
+
+
+def audit_user_level(entries: list[dict[str, Any]], config: RunConfig, run_dir: Path,
+                     tolerance: float) -> tuple[dict[str, Any] | None, list[Flag]]:
+    central = [e["central"] for e in entries if e.get("kind") == "train" and e.get("central")]
+    if not central:
+        return None, []
+    flags = [Flag("error", "central_plan_differs_from_config", f"a round's central noise {r['noise_multiplier']} / "
+                  f"clip {r['clip_norm']} differ from the config", round=None)
+             for r in central if (r["noise_multiplier"], r["clip_norm"]) !=
+             (config.central_noise_multiplier, config.delta_clip_norm)]
+    recomputed = user_level_epsilon(central, sampling=config.device_sampling, delta=config.delta)
+    out = {"epsilon_recomputed": recomputed, "sampling": config.device_sampling, "rounds": len(central),
+           "epsilon_recomputed_without_amplification": user_level_epsilon(central, sampling="none",
+                                                                           delta=config.delta)}
+    summary_path = run_dir / "summary.json"
+    if summary_path.exists():
+        claimed = json.loads(summary_path.read_text()).get("privacy", {}).get("user_level", {}).get("epsilon")
+        out["epsilon_claimed"] = claimed
+        if claimed is not None and claimed < recomputed * (1 - tolerance):
+            flags.append(Flag("error", "user_level_under_reported",
+                              f"summary claims user-level epsilon {claimed:.6g}, the ledger implies {recomputed:.6g}"))
+    return out, flags
+
+
+def read_ledger(run_dir: Path) -> tuple[list[dict[str, Any]], list[Flag]]:
+    path = Path(run_dir) / LEDGER
+    if not path.exists():
+        raise ConfigError(f"{path}: no ledger; is {run_dir} a fedrec run directory?")
+    entries, flags = [], []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:
+            severity = "warning" if number == len(lines) else "error"
+            flags.append(Flag(severity, "ledger_unreadable_line",
+                              f"{path}: line {number} is not JSON ({'torn by a crash' if severity == 'warning' else 'damaged'})"))
+    return entries, flags
+
+
+def check_plan(entry: dict[str, Any], config: RunConfig, sigma: dict[str, float]) -> list[Flag]:
+    """Differences between a round's plan and what the run's config implies."""
+    plan, kind, rnd = entry["plan"], entry.get("kind", "train"), entry.get("round")
+    expected: dict[str, Any] = {"dp": config.dp, "delta": config.delta}
+    if kind == "train":
+        expected.update({"sample-rate": config.sample_rate, "clip-norm": config.clip_norm,
+                         "steps": config.local_steps, "user-steps": config.user_steps})
+    flags = [Flag("error", "plan_differs_from_config", f"round {rnd}: {key}={plan.get(key)!r}, config says {value!r}",
+                  round=rnd) for key, value in expected.items() if plan.get(key) != value]
+    if not config.dp:
+        return flags
+    noise = float(plan.get("noise-multiplier", float("nan")))
+    configured = config.noise_multiplier if kind == "train" else config.prior_noise_multiplier
+    if configured != AUTO and not math.isclose(noise, float(configured), rel_tol=1e-9):
+        flags.append(Flag("error", "plan_differs_from_config",
+                          f"round {rnd}: noise-multiplier {noise}, config says {configured}", round=rnd))
+    if sigma.setdefault(kind, noise) != noise:
+        flags.append(Flag("error", "noise_changed",
+                          f"round {rnd}: noise-multiplier {noise} differs from earlier rounds ({sigma[kind]})",
+                          round=rnd))
+    if kind == "train" and config.user_steps:
+        ratio = float(plan.get("user-noise-multiplier", float("nan"))) / noise
+        if not math.isclose(ratio, config.user_noise_ratio, rel_tol=1e-6):
+            flags.append(Flag("error", "plan_differs_from_config",
+                              f"round {rnd}: user noise ratio {ratio:.6g}, config says {config.user_noise_ratio}",
+                              round=rnd))
+    listed = [tuple(step) for step in entry.get("privacy_steps", [])]
+    if _compact(listed) != _compact(plan_steps(entry)):
+        flags.append(Flag("error", "ledger_steps_inconsistent",
+                          f"round {rnd}: ledger lists privacy steps {listed}, the plan implies {plan_steps(entry)}",
+                          round=rnd))
+    return flags
+
+
+def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
+    """The machine-readable verdict (also the body of audit.json)."""
+    run_dir = Path(run_dir)
+    config = RunConfig.load_json(run_dir / CONFIG)
+    entries, flags = read_ledger(run_dir)
+    devices: dict[str, DeviceAudit] = {}
+    sigma: dict[str, float] = {}
+    seen_rounds: set[tuple[str, int]] = set()
+    for entry in entries:
+        rnd, kind = int(entry["round"]), entry.get("kind", "train")
+        if (kind, rnd) in seen_rounds:
+            flags.append(Flag("info", "round_repeated", f"round {rnd} appears again (a resumed run re-ran it); "
+                                                        "devices are charged for both", round=rnd))
+        seen_rounds.add((kind, rnd))
+        flags.extend(check_plan(entry, config, sigma))
+        steps = plan_steps(entry)
+        reported = entry.get("epsilon_reported", {})
+        for device in entry.get("trained", []):
+            audit = devices.setdefault(device, DeviceAudit(device))
+            audit.rounds.append(rnd)
+            audit.steps.extend(steps)
+            audit.trajectory.append((rnd, rdp_epsilon(_compact(audit.steps), config.delta)))
+            if device not in reported and config.dp:
+                flags.append(Flag("error", "epsilon_not_reported", f"round {rnd}: {device} released an update but "
+                                                                   "reported no epsilon", device=device, round=rnd))
+        for device, eps in reported.items():
+            devices.setdefault(device, DeviceAudit(device)).reported = float(eps)
+    for audit in devices.values():
+        compact = _compact(audit.steps)
+        audit.recomputed_rdp = rdp_epsilon(compact, config.delta)
+        audit.recomputed_pld = pld_epsilon(compact, config.delta)
+        flags.extend(_device_flags(audit, config, tolerance))
+    user_level, user_flags = audit_user_level(entries, config, run_dir, tolerance)
+    result = _verdict(config, devices, flags + user_flags, tolerance, run_dir)
+    if user_level is not None:
+        result["user_level"] = user_level
+    return result
+
+
+def _device_flags(audit: DeviceAudit, config: RunConfig, tolerance: float) -> list[Flag]:
+    if not config.dp:
+        return []
+    flags = []
+    recomputed, reported = audit.recomputed_rdp, audit.reported
+    if reported is not None:
+        gap = (reported - recomputed) / max(recomputed, 1e-12)
+        if gap < -tolerance:
+            flags.append(Flag("error", "epsilon_under_reported", f"{audit.device} reported epsilon {reported:.6g}, "
+                              f"its participation implies {recomputed:.6g}", device=audit.device))
+        elif gap > tolerance:
+            flags.append(Flag("warning", "epsilon_over_reported", f"{audit.device} reported epsilon {reported:.6g}, "
+                              f"its participation implies only {recomputed:.6g}", device=audit.device))
+    if recomputed > config.epsilon_budget * (1 + tolerance):
+        flags.append(Flag("error", "over_budget", f"{audit.device}: recomputed epsilon {recomputed:.6g} exceeds the "
+                          f"budget {config.epsilon_budget}", device=audit.device))
+    return flags
+
+
+def _verdict(config: RunConfig, devices: dict[str, DeviceAudit], flags: list[Flag], tolerance: float,
+             run_dir: Path) -> dict[str, Any]:
+    reported = [d.reported for d in devices.values() if d.reported is not None]
+    recomputed = np.array([d.recomputed_rdp for d in devices.values()]) if devices else np.zeros(0)
+    diffs = [abs(d.reported - d.recomputed_rdp) / max(d.recomputed_rdp, 1e-12)
+             for d in devices.values() if d.reported is not None and d.recomputed_rdp > 0]
+    worst = max(devices.values(), key=lambda d: d.recomputed_rdp, default=None)
+    errors = [f for f in flags if f.severity == "error"]
+    return {
+        "verdict": "fail" if errors else "pass",
+        "run_dir": str(run_dir),
+        "dp": config.dp,
+        "devices": len(devices),
+        "delta": config.delta,
+        "budget": config.epsilon_budget if config.dp else None,
+        "epsilon_max_reported": max(reported) if reported else 0.0,
+        "epsilon_max_recomputed": float(recomputed.max()) if len(recomputed) else 0.0,
+        "epsilon_max_recomputed_pld": max((d.recomputed_pld for d in devices.values()), default=0.0),
+        "epsilon_percentiles_recomputed": {f"p{p}": float(np.percentile(recomputed, p)) if len(recomputed) else 0.0
+                                           for p in (50, 90, 99)},
+        "max_relative_diff": max(diffs, default=0.0),
+        "tolerance": tolerance,
+        "over_budget": sorted(f.device for f in flags if f.code == "over_budget"),
+        "within_budget": int(sum(d.recomputed_rdp <= config.epsilon_budget * (1 + tolerance)
+                                 for d in devices.values())),
+        "rounds_joined": {"max": max((len(d.rounds) for d in devices.values()), default=0),
+                          "median": float(np.median([len(d.rounds) for d in devices.values()])) if devices else 0.0},
+        "worst_device": None if worst is None else {"device": worst.device, "trajectory": worst.trajectory},
+        "accountants": {"compared": "dp-accounting RDP, Opacus orders 1.1-63, conversion of Balle et al. 2020",
+                        "reference": "dp-accounting PLD (tighter)"},
+        "assumptions": {"neighbouring": NEIGHBOURING, "sampling": SAMPLING, "not_covered": NOT_COVERED},
+        "flags": [asdict(f) for f in flags],
+        "per_device": {d.device: {"rounds": d.rounds, "reported": d.reported, "recomputed_rdp": d.recomputed_rdp,
+                                  "recomputed_pld": d.recomputed_pld} for d in sorted(devices.values(),
+                                                                                        key=lambda a: a.device)},
+    }
