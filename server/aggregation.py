@@ -1,28 +1,14 @@
-"""Server-side aggregation: uniform mean of item deltas, applied with FedAvg or FedAdam.
+"""Server optimizers that apply the round's mean item delta: FedAvg, or FedAdam.
 
-Uniform weights: weighting by example counts would need devices to reveal their data size.
-FedAdam follows Reddi et al. 2021 ("Adaptive Federated Optimization"), with the mean
-delta as the pseudo-gradient step.
+FedAdam follows Reddi et al. 2021 ("Adaptive Federated Optimization"), with the mean delta as
+the pseudo-gradient step. The mean itself comes from shared/aggregation.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
 
 from shared.model import ItemTables
-
-Delta = tuple[np.ndarray, np.ndarray]  # (embedding [n, d], bias [n])
-
-
-def mean_delta(deltas: Sequence[Delta]) -> Delta:
-    if not deltas:
-        raise ValueError("no deltas to aggregate")
-    emb = np.mean(np.stack([d[0] for d in deltas]), axis=0, dtype=np.float64)
-    bias = np.mean(np.stack([d[1] for d in deltas]), axis=0, dtype=np.float64)
-    return emb.astype(np.float32), bias.astype(np.float32)
-
 
 class ServerOptimizer:
     """Applies the aggregated delta to the global item tables; its state is checkpointed."""

@@ -11,14 +11,15 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 from scipy.stats import binom
 
+from shared.aggregation import Delta, PartialSum, delta_norm
 from shared.config import AUTO, RunConfig
 from shared.data.catalogue import Catalogue
-from shared.model import ItemTables
+from shared.model import ItemTables, initial_item_tables
 from shared.popularity import PopularityPlan, biases_from_counts
 from shared.privacy.accounting import calibrate_noise_multiplier
 from shared.training import LocalTrainingPlan
 
-from .aggregation import Delta, ServerOptimizer, mean_delta
+from .aggregation import ServerOptimizer
 
 PARTICIPATION_QUANTILE = 0.9  # 'auto' sigma keeps 90% of devices within budget for the whole run
 TRAIN_SALT, EVAL_SALT = 0x7A1, 0xE7A1
@@ -27,25 +28,8 @@ PRIOR_BUDGET_SHARE = 0.5  # 'auto' prior noise: the report alone reaches half th
 
 
 def initial_tables(config: RunConfig, catalogue: Catalogue) -> ItemTables:
-    """Random item embeddings, plus a shared random direction per public category when configured.
-
-    Categories are public catalogue metadata: items of a category start close together, which
-    gives users' rows something to align with from the first round at no privacy cost.
-    """
-    rng = np.random.default_rng([config.seed, 0x17E4])
-    tables = ItemTables.initial(catalogue.num_items, config.embedding_dim, scale=config.init_scale, rng=rng)
-    if config.category_init <= 0 or not catalogue.categories:
-        return tables
-    labels = [[c for c in str(cats).split("|") if c] for cats in catalogue.categories]
-    names = sorted({c for item in labels for c in item})
-    directions = np.random.default_rng([config.seed, 0xCA7]).standard_normal((len(names), config.embedding_dim))
-    index = {name: k for k, name in enumerate(names)}
-    shared = np.zeros_like(tables.embedding)
-    for i, item in enumerate(labels):
-        if item:
-            shared[i] = directions[[index[c] for c in item]].mean(axis=0)
-    return ItemTables(embedding=(tables.embedding + config.category_init * shared).astype(np.float32),
-                      bias=tables.bias)
+    return initial_item_tables(catalogue.num_items, config.embedding_dim, scale=config.init_scale, seed=config.seed,
+                               categories=catalogue.categories, category_scale=config.category_init)
 
 
 def sample_devices(device_ids: Iterable[str], count: int, *, seed: int, server_round: int, salt: int,
@@ -127,52 +111,41 @@ class ItemModelServer:
         self.tables = ItemTables(embedding=self.tables.embedding,
                                  bias=biases_from_counts(total, reports=reports, noise_multiplier=noise_multiplier))
 
-    def apply(self, updates: Mapping[str, Delta], plan: LocalTrainingPlan) -> dict[str, float]:
-        """Clip, average (uniformly, in device-id order so sums are reproducible), noise and apply the updates.
+    def apply(self, total: PartialSum, plan: LocalTrainingPlan) -> dict[str, float]:
+        """Apply the round: the mean of the (already clipped) updates, central noise if configured, the optimizer.
 
         Returns what happened: the mean delta's norm and how many updates the clip shortened.
         """
-        if not updates:
+        if total.count == 0:
             return {"mean_delta_norm": float("nan"), "clipped": 0}
-        clip = self.config.delta_clip_norm
-        deltas, clipped = [], 0
-        for device in sorted(updates):
-            delta = updates[device]
-            if clip > 0:
-                delta, was_clipped = clip_delta(delta, clip)
-                clipped += was_clipped
-            deltas.append(delta)
-        mean = mean_delta(deltas)
+        mean = total.mean()
         central_std = 0.0
         if self.config.central_noise_multiplier > 0:
             # User-level DP: N(0, (z S)^2) on the sum of clipped updates, i.e. (z S / n) on their mean.
-            central_std = self.config.central_noise_multiplier * clip / len(deltas)
+            central_std = self.config.central_noise_multiplier * self.config.delta_clip_norm / total.count
             rng = np.random.default_rng([self.config.seed, plan.server_round, 0xCE27])
             mean = ((mean[0] + rng.normal(0.0, central_std, mean[0].shape)).astype(np.float32),
                     (mean[1] + rng.normal(0.0, central_std, mean[1].shape)).astype(np.float32))
         self.tables = self.optimizer.apply(self.tables, mean)
         if self.optimizer.kind == "fedavg":
             step_noise = self.optimizer.lr * plan.lr * plan.noise_multiplier * plan.clip_norm
-            self.noise_variance += step_noise**2 * plan.steps / len(deltas) + (self.optimizer.lr * central_std) ** 2
+            self.noise_variance += step_noise**2 * plan.steps / total.count + (self.optimizer.lr * central_std) ** 2
         else:
             self.noise_variance = float("nan")
-        norm = float(np.sqrt(np.sum(mean[0].astype(np.float64) ** 2) + np.sum(mean[1].astype(np.float64) ** 2)))
-        return {"mean_delta_norm": norm, "clipped": clipped}
+        return {"mean_delta_norm": delta_norm(mean), "clipped": total.clipped}
+
+    def sum_updates(self, updates: Mapping[str, Delta]) -> PartialSum:
+        """Clip each device's update and add them up, in device-id order (reproducible sums)."""
+        total = PartialSum.zeros(self.tables.num_items, self.tables.dim)
+        for device in sorted(updates):
+            total.add(updates[device], clip=self.config.delta_clip_norm)
+        return total
 
     def serving_tables(self) -> ItemTables:
         """The tables devices rank with: embeddings shrunk toward zero by their known noise (if enabled)."""
         if not self.config.ranking_shrinkage or not self.noise_variance > 0:
             return self.tables
         return shrink_embeddings(self.tables, self.noise_variance)
-
-
-def clip_delta(delta: Delta, bound: float) -> tuple[Delta, bool]:
-    """Scale a device's whole update (embeddings and biases together) down to L2 norm `bound`."""
-    norm = float(np.sqrt(np.sum(delta[0].astype(np.float64) ** 2) + np.sum(delta[1].astype(np.float64) ** 2)))
-    if norm <= bound:
-        return delta, False
-    factor = bound / norm
-    return ((delta[0] * factor).astype(np.float32), (delta[1] * factor).astype(np.float32)), True
 
 
 def shrink_embeddings(tables: ItemTables, noise_variance: float) -> ItemTables:

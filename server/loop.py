@@ -148,7 +148,7 @@ class Federation:
                                      self.model.tables, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
         central = central_record(cfg, population=len(self.registry.node_of), contributors=len(replies.updates))
         self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies, central)
-        applied = self.model.apply(replies.updates, plan)
+        applied = self.model.apply(self.model.sum_updates(replies.updates), plan)
         self._checkpoint(server_round)
         eps = list(replies.epsilon.values())
         line = {"round": server_round, "seconds": round(time.monotonic() - started, 3),

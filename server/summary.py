@@ -9,9 +9,9 @@ from typing import Any
 from shared.baselines import CentralMFSettings, central_mf_metrics, popularity_metrics, random_metrics
 from shared.config import RunConfig
 from shared.data.population import Population, population_splits
-from shared.evaluation import METRIC_KEYS, evaluate_population
+from shared.evaluation import METRIC_KEYS
 from shared.model import ItemTables
-from shared.ranking import refit_user_rows
+from shared.ranking import evaluate_with_refit
 
 from .records import LEDGER, RunRecords
 from .user_privacy import user_level_summary
@@ -77,9 +77,8 @@ def reference_metrics(config: RunConfig, population: Population, tables: ItemTab
     splits = population_splits(population)
     n = population.num_items
     log.info("evaluating the federated model and baselines on all %d devices", len(splits))
-    rows = refit_user_rows(tables, splits, l2=config.refit_l2)
     blocks = {
-        "model": evaluate_population(lambda idx: tables.scores(rows[idx]), splits, n, sampled_seed=config.seed),
+        "model": evaluate_with_refit(tables, splits, n, l2=config.refit_l2, sampled_seed=config.seed),
         "random": random_metrics(splits, n, seed=config.seed),
         "popularity": popularity_metrics(splits, n, seed=config.seed),
         "central_mf": central_mf_metrics(splits, n, CentralMFSettings(dim=config.embedding_dim), seed=config.seed),

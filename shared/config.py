@@ -34,6 +34,17 @@ class RunConfig:
     dataset: str = _opt("synthetic", "data source: synthetic | prepared | movielens | taobao | retailrocket | counts | csv",
                         choices=("synthetic", "prepared", "movielens", "taobao", "retailrocket", "counts", "csv"))
     data_path: str = _opt("", "file or folder of the data set (not used for synthetic)")
+    columns: str = _opt("", "csv/parquet column mapping, e.g. 'user=uid,item=sku,time=ts,event=type,weight=w'")
+    separator: str = _opt(",", "field separator of csv data")
+    encoding: str = _opt("", "text encoding of the data file ('' = the data set's own, utf-8 for csv)")
+    event_weights: str = _opt("", "weight per behaviour type, e.g. 'pv=1,cart=2,fav=2,buy=4' ('' = the data set's "
+                                  "defaults)")
+    min_weight: float = _opt(0.0, "drop events weaker than this after weighting (e.g. 4 with buy=4: purchases only)",
+                             min=0.0)
+    min_user_items: int = _opt(5, "devices with fewer distinct items are dropped when preparing data", min=3)
+    min_item_users: int = _opt(1, "items with fewer devices are dropped (k-core, alternating with devices)", min=1)
+    skip_bad_rows: bool = _opt(False, "drop malformed rows of the data file (counted and reported) instead of "
+                                      "stopping at the first")
     devices: int = _opt(500, "number of simulated devices (synthetic population size; for real data a seeded "
                              "random subset of users, 0 = all)", min=0)
     synthetic_items: int = _opt(1000, "synthetic catalogue size", min=10)

@@ -80,16 +80,51 @@ def _sampled_protocol(scores: np.ndarray, targets: np.ndarray, splits: Sequence[
     return {"sampled_hr@10": hr, "sampled_ndcg@10": ndcg}
 
 
+class CategoryDiversity:
+    """Intra-list diversity of top-10 lists: mean over item pairs of 1 - Jaccard(categories), per list.
+
+    Categories come from the public catalogue ('|'-separated labels, as in MovieLens genres).
+    """
+
+    def __init__(self, categories: Sequence[str]) -> None:
+        labels = [frozenset(c for c in str(item).split("|") if c) for item in categories]
+        names = sorted({c for item in labels for c in item})
+        index = {name: k for k, name in enumerate(names)}
+        self.onehot = np.zeros((len(labels), len(names)), dtype=np.float32)
+        for i, item in enumerate(labels):
+            self.onehot[i, [index[c] for c in item]] = 1.0
+        self.known = self.onehot.sum(axis=1) > 0
+
+    def of_lists(self, top: np.ndarray) -> np.ndarray:
+        """Per list (rows of item indices, -1 = empty slot): mean pairwise category distance."""
+        out = np.zeros(len(top))
+        for r, row in enumerate(top):
+            items = row[(row >= 0)]
+            items = items[self.known[items]]
+            if len(items) < 2:
+                continue
+            onehot = self.onehot[items]
+            inter = onehot @ onehot.T
+            sizes = onehot.sum(axis=1)
+            jaccard = inter / (sizes[:, None] + sizes[None, :] - inter)
+            pairs = np.triu_indices(len(items), k=1)
+            out[r] = float(np.mean(1.0 - jaccard[pairs]))
+        return out
+
+
 def evaluate_population(score_block: Callable[[np.ndarray], np.ndarray], splits: Sequence[DeviceSplit],
                         num_items: int, *, target: str = "test", sampled_seed: int | None = 0,
-                        block_size: int = 512) -> dict[str, float]:
+                        block_size: int = 512, diversity: CategoryDiversity | None = None) -> dict[str, float]:
     """Mean metrics over all devices; `score_block(device_indices)` returns their score rows."""
     sums: dict[str, float] = {}
     recommended = np.zeros(num_items, dtype=bool)
     for start in range(0, len(splits), block_size):
         idx = np.arange(start, min(start + block_size, len(splits)))
         block = rank_scores(score_block(idx), [splits[i] for i in idx], target=target, sampled_seed=sampled_seed)
-        top = block.pop("top10").ravel()
+        top = block.pop("top10")
+        if diversity is not None:
+            block["diversity@10"] = diversity.of_lists(top)
+        top = top.ravel()
         recommended[top[top >= 0]] = True
         for key, values in block.items():
             sums[key] = sums.get(key, 0.0) + float(values.sum())

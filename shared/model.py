@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,6 +37,33 @@ class ItemTables:
     def scores(self, user_rows: np.ndarray) -> np.ndarray:
         """Scores [num_users, num_items] for a block of user rows [num_users, dim]."""
         return user_rows @ self.embedding.T + self.bias
+
+
+def category_embeddings(categories: Sequence[str], dim: int, *, rng: np.random.Generator) -> np.ndarray:
+    """Per item, the mean of a random direction per public category ('|'-separated labels; none: zeros)."""
+    labels = [[c for c in str(cats).split("|") if c] for cats in categories]
+    names = sorted({c for item in labels for c in item})
+    directions = rng.standard_normal((len(names), dim))
+    index = {name: k for k, name in enumerate(names)}
+    out = np.zeros((len(labels), dim))
+    for i, item in enumerate(labels):
+        if item:
+            out[i] = directions[[index[c] for c in item]].mean(axis=0)
+    return out
+
+
+def initial_item_tables(num_items: int, dim: int, *, scale: float, seed: int,
+                        categories: Sequence[str] | None = None, category_scale: float = 0.0) -> ItemTables:
+    """Random item embeddings, plus a shared random direction per public category when configured.
+
+    Categories are public catalogue metadata: items of a category start close together, which
+    gives users' rows something to align with from the first round at no privacy cost.
+    """
+    tables = ItemTables.initial(num_items, dim, scale=scale, rng=np.random.default_rng([seed, 0x17E4]))
+    if category_scale <= 0 or not categories:
+        return tables
+    shared = category_embeddings(categories, dim, rng=np.random.default_rng([seed, 0xCA7]))
+    return ItemTables(embedding=(tables.embedding + category_scale * shared).astype(np.float32), bias=tables.bias)
 
 
 def initial_user_row(dim: int, *, scale: float, rng: np.random.Generator) -> np.ndarray:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .data.interactions import DeviceSplit
+from .evaluation import CategoryDiversity, evaluate_population
 from .model import ItemTables
 
 MAX_NEWTON_STEPS = 25
@@ -41,6 +42,14 @@ def refit_user_row(tables: ItemTables, items: np.ndarray, weights: np.ndarray, *
 
 def refit_user_rows(tables: ItemTables, splits: list[DeviceSplit], *, l2: float) -> np.ndarray:
     return np.stack([refit_user_row(tables, s.train_items, s.train_weights, l2=l2) for s in splits])
+
+
+def evaluate_with_refit(tables: ItemTables, splits: list[DeviceSplit], num_items: int, *, l2: float,
+                        sampled_seed: int | None = 0, diversity: CategoryDiversity | None = None) -> dict[str, float]:
+    """Every device ranks with its on-device re-fit row, as it would itself; metrics averaged over devices."""
+    rows = refit_user_rows(tables, splits, l2=l2)
+    return evaluate_population(lambda idx: tables.scores(rows[idx]), splits, num_items, sampled_seed=sampled_seed,
+                               diversity=diversity)
 
 
 def top_k(tables: ItemTables, user_row: np.ndarray, *, exclude: np.ndarray, k: int) -> np.ndarray:

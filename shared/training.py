@@ -208,7 +208,7 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
         if plan.dp:
             rows = k_devices * (n_items if which != "user" else 1)
             mode = choose_grad_sample_mode(plan.grad_sample_mode, batch=expected_batch, rows=rows, dim=items.dim)
-            module, optimizer, criterion = _make_private(model, optimizer, criterion, sigma=sigma,
+            module, optimizer, criterion = make_private(model, optimizer, criterion, sigma=sigma,
                                                          clip_norm=plan.clip_norm, mode=mode,
                                                          noise_seed=noise_seed + phase)
             optimizer.attach_step_hook(_accounting_hook(accountants, sigma, plan.sample_rate))
@@ -241,8 +241,9 @@ def _accounting_hook(accountants: Sequence[RDPAccountant], sigma: float, sample_
     return account
 
 
-def _make_private(model: MatrixFactorization, optimizer: torch.optim.Optimizer, criterion: SampledSoftmaxLoss,
-                  *, sigma: float, clip_norm: float, mode: str, noise_seed: int) -> tuple[Any, Any, Any]:
+def make_private(model: MatrixFactorization, optimizer: torch.optim.Optimizer, criterion: SampledSoftmaxLoss,
+                 *, sigma: float, clip_norm: float, mode: str, noise_seed: int,
+                 loss_reduction: str = "sum", expected_batch_size: float | None = None) -> tuple[Any, Any, Any]:
     """Wrap model, optimizer and loss as Opacus's PrivacyEngine.make_private does, with the server's exact q.
 
     (make_private derives q from the data loader's length; the server fixes q instead, so
@@ -250,16 +251,17 @@ def _make_private(model: MatrixFactorization, optimizer: torch.optim.Optimizer, 
     """
     generator = torch.Generator().manual_seed(noise_seed)
     if mode == "ghost":
-        module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction="sum",
+        module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction=loss_reduction,
                                                       max_grad_norm=clip_norm, use_ghost_clipping=True)
         dp_optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=sigma, max_grad_norm=clip_norm,
-                                                       expected_batch_size=None, loss_reduction="sum",
-                                                       generator=generator)
-        dp_criterion = DPLossFastGradientClipping(module, dp_optimizer, criterion, loss_reduction="sum")
+                                                       expected_batch_size=expected_batch_size,
+                                                       loss_reduction=loss_reduction, generator=generator)
+        dp_criterion = DPLossFastGradientClipping(module, dp_optimizer, criterion, loss_reduction=loss_reduction)
         return module, dp_optimizer, dp_criterion
-    module = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=clip_norm, expected_batch_size=None,
-                               loss_reduction="sum", generator=generator)
+    module = GradSampleModule(model, batch_first=True, loss_reduction=loss_reduction)
+    dp_optimizer = DPOptimizer(optimizer, noise_multiplier=sigma, max_grad_norm=clip_norm,
+                               expected_batch_size=expected_batch_size, loss_reduction=loss_reduction,
+                               generator=generator)
     return module, dp_optimizer, criterion
 
 

@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,6 +55,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     else:
         mapping = {}
     mapping.update(parse_run_config(args.run_config or []))
+    mapping.update(data_overrides(args))
     for attr, key in SIMULATE_FLAGS.items():
         if getattr(args, attr) is not None:
             mapping[key] = getattr(args, attr)
@@ -75,13 +77,39 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_prepare(args: argparse.Namespace) -> int:
-    from shared.data.loaders import LOADERS
-    from shared.data.prepare import prepare_log
+DATA_FLAGS = {"columns": "columns", "separator": "separator", "encoding": "encoding",
+              "event_weights": "event-weights", "min_weight": "min-weight", "min_user_items": "min-user-items",
+              "min_item_users": "min-item-users"}
 
-    if args.dataset not in LOADERS:
-        raise ConfigError(f"--dataset {args.dataset}: expected one of {sorted(LOADERS)}")
-    stats = prepare_log(LOADERS[args.dataset](Path(args.data_path)), Path(args.out), dataset=args.dataset)
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    help_of = RunConfig.help_texts()
+    parser.add_argument("--columns", help=help_of["columns"])
+    parser.add_argument("--separator", help=help_of["separator"])
+    parser.add_argument("--encoding", help=help_of["encoding"])
+    parser.add_argument("--event-weights", help=help_of["event-weights"])
+    parser.add_argument("--min-weight", type=float, help=help_of["min-weight"])
+    parser.add_argument("--min-user-items", type=int, help=help_of["min-user-items"])
+    parser.add_argument("--min-item-users", type=int, help=help_of["min-item-users"])
+    parser.add_argument("--skip-bad-rows", action="store_true", help=help_of["skip-bad-rows"])
+
+
+def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out = {key: getattr(args, attr) for attr, key in DATA_FLAGS.items() if getattr(args, attr) is not None}
+    if args.skip_bad_rows:
+        out["skip-bad-rows"] = True
+    return out
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from shared.data.loaders import load_dataset
+    from shared.data.prepare import PrepareSettings, prepare_log
+
+    config = RunConfig.from_mapping({"dataset": args.dataset, "data-path": args.data_path, **data_overrides(args)},
+                                    source="fedrec prepare")
+    settings = PrepareSettings(min_user_items=config.min_user_items, min_item_users=config.min_item_users,
+                               device_files=not args.no_device_files)
+    stats = prepare_log(load_dataset(config), Path(args.out), dataset=args.dataset, settings=settings)
     print(f"prepared {stats['devices']} devices, {stats['items']} items, {stats['events']} events in {args.out}")
     return 0
 
@@ -140,6 +168,31 @@ def format_audit(result: dict, *, attacks_only: bool) -> str:
     return "\n".join(lines)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import run_report, write_report
+
+    mapping = {"dataset": args.dataset, "data-path": args.data_path or "", **parse_run_config(args.run_config or []),
+               **data_overrides(args)}
+    for attr, key in (("rounds", "rounds"), ("devices", "devices"), ("devices_per_round", "devices-per-round"),
+                      ("seed", "seed")):
+        if getattr(args, attr) is not None:
+            mapping[key] = getattr(args, attr)
+    config = RunConfig.from_mapping(mapping, source="fedrec report")
+    epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
+    started = time.perf_counter()
+    rows = run_report(config, epsilons=epsilons, out=Path(args.out))
+    from shared.data.population import open_population
+
+    population = open_population(config if config.dataset in ("synthetic", "prepared") else
+                                 config.replace(dataset="prepared", data_path=str(Path(args.out) / "prepared")))
+    meta = {"dataset": config.dataset, "data_path": config.data_path, "devices": population.num_devices,
+            "items": population.num_items, "rounds": config.rounds, "devices_per_round": config.devices_per_round,
+            "delta": config.delta, "epsilons": epsilons, "seconds": time.perf_counter() - started}
+    paths = write_report(rows, Path(args.out), title=args.title or config.dataset, meta=meta)
+    print(paths[0].read_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated recommender with differential privacy.")
     common = argparse.ArgumentParser(add_help=False)
@@ -161,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS",
                      help="more settings: a TOML file or 'key=value key=value' (keys as in pyproject.toml)")
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    add_data_flags(sim)
     sim.set_defaults(func=cmd_simulate)
 
     audit = sub.add_parser("audit", parents=[common], help="recompute and check a run's privacy claims; attack checks")
@@ -176,10 +230,27 @@ def build_parser() -> argparse.ArgumentParser:
                        help="settings of the attack federation (keys as in pyproject.toml)")
     audit.set_defaults(func=cmd_audit)
 
+    report = sub.add_parser("report", parents=[common], help="privacy-utility report: baselines, central DP, "
+                                                             "federated with and without DP on the same split")
+    report.add_argument("--dataset", default="synthetic", help=help_of["dataset"])
+    report.add_argument("--data-path", help=help_of["data-path"])
+    report.add_argument("--out", required=True, help="folder for report.md/csv/json/png")
+    report.add_argument("--epsilons", default="1,2,4,8", help="per-device budgets to run (comma-separated)")
+    report.add_argument("--rounds", type=int, help=help_of["rounds"])
+    report.add_argument("--devices", type=int, help=help_of["devices"])
+    report.add_argument("--devices-per-round", type=int, help=help_of["devices-per-round"])
+    report.add_argument("--seed", type=int, help=help_of["seed"])
+    report.add_argument("--title", help="title of the report (default: the data set's name)")
+    report.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS", help="more settings")
+    add_data_flags(report)
+    report.set_defaults(func=cmd_report)
+
     prep = sub.add_parser("prepare", parents=[common], help="turn a raw data set into per-device partitions and a catalogue")
-    prep.add_argument("--dataset", required=True, help="movielens")
+    prep.add_argument("--dataset", required=True, help="movielens | taobao | retailrocket | counts | csv")
     prep.add_argument("--data-path", required=True, help="file or folder of the raw data set")
     prep.add_argument("--out", required=True, help="folder to write")
+    prep.add_argument("--no-device-files", action="store_true", help="skip devices/<index>.csv (simulation only)")
+    add_data_flags(prep)
     prep.set_defaults(func=cmd_prepare)
     return parser
 

@@ -86,7 +86,7 @@ def run_plain(config: RunConfig, *, engine: str = "cohort", population: Populati
         updates = _collect(chosen, outcomes, result)
         if observe is not None:
             observe(server_round, updates)
-        server.apply(updates, plan)
+        server.apply(server.sum_updates(updates), plan)
         result.round_seconds.append(time.perf_counter() - started)
         log.debug("plain round %d: %d trained in %.2fs", server_round, len(updates), result.round_seconds[-1])
     result.tables = server.serving_tables()

@@ -9,9 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from shared.config import RunConfig
-from shared.data.loaders import LOADERS
+from shared.data.loaders import load_dataset
 from shared.data.population import open_population
-from shared.data.prepare import prepare_log
+from shared.data.prepare import PrepareSettings, prepare_log
 from shared.evaluation import METRIC_KEYS
 
 log = logging.getLogger("fedrec.simulation")
@@ -32,8 +32,9 @@ def prepare_run_data(config: RunConfig, run_dir: Path) -> RunConfig:
         return config
     prepared = run_dir / "prepared"
     if not (prepared / "manifest.json").exists():
-        raw = LOADERS[config.dataset](Path(config.data_path))
-        prepare_log(raw, prepared, dataset=config.dataset)
+        settings = PrepareSettings(min_user_items=config.min_user_items, min_item_users=config.min_item_users,
+                                   device_files=False)
+        prepare_log(load_dataset(config), prepared, dataset=config.dataset, settings=settings)
     return config.replace(dataset="prepared", data_path=str(prepared.resolve()))
 
 

@@ -11,7 +11,7 @@ from shared.config import RunConfig
 from shared.data.interactions import DataError, DeviceEvents, split_device
 from shared.data.loaders import load_movielens
 from shared.data.population import open_population, population_splits
-from shared.data.prepare import prepare_log
+from shared.data.prepare import prepare_log, read_device_file
 from shared.data.prepared import PreparedData
 from shared.data.synthetic import SyntheticSpec
 
@@ -85,8 +85,12 @@ def test_movielens_latest_is_prepared_and_read_back(tmp_path):
     prepared = PreparedData(tmp_path / "prep")
     catalogue = prepared.catalogue()
     assert catalogue.item_ids[:3] == ("1", "2", "3") and catalogue.titles[0] == "Movie 1, The (2000)"
+    assert catalogue.categories[0] == "Drama|Comedy"
     first = prepared.device_events(0)
     assert sorted(catalogue.item_ids[i] for i in first.items) == sorted(str(i) for i in range(1, 9))
+    # the device's own file holds the same events, and nothing of anyone else
+    own = read_device_file(tmp_path / "prep" / "devices" / "0.csv", num_items=catalogue.num_items)
+    assert sorted(own.items.tolist()) == sorted(first.items.tolist())
     config = RunConfig(dataset="prepared", data_path=str(tmp_path / "prep"), devices=0)
     splits = population_splits(open_population(config))
     assert len(splits) == 6 and all(len(s.train_items) >= 3 for s in splits)
@@ -96,7 +100,7 @@ def test_movielens_1m_and_100k_formats(tmp_path):
     one_m = tmp_path / "ml-1m"
     one_m.mkdir()
     (one_m / "ratings.dat").write_text("".join(f"{u}::{i}::5::{100 * i + u}\n" for u in (1, 2) for i in range(1, 7)))
-    assert len(load_movielens(one_m).events) == 12
+    assert len(load_movielens(one_m)) == 12
     hundred_k = tmp_path / "ml-100k"
     hundred_k.mkdir()
     (hundred_k / "u.data").write_text("".join(f"{u}\t{i}\t3\t{100 * i}\n" for u in (1, 2) for i in range(1, 6)))
@@ -104,19 +108,6 @@ def test_movielens_1m_and_100k_formats(tmp_path):
                                        .encode("latin-1"))
     raw = load_movielens(hundred_k)
     assert raw.item_titles["1"] == "Café (1995)" and raw.item_categories["1"] == "Action"
-
-
-def test_movielens_errors_name_file_row_and_column(tmp_path):
-    folder = tmp_path / "bad"
-    folder.mkdir()
-    (folder / "ratings.csv").write_text("userId,movieId,rating,timestamp\n1,2,4.0,100\n1,abc,4.0,101\n")
-    with pytest.raises(DataError, match=r"ratings.csv: row 2: column 'item' = 'abc' is not a number"):
-        load_movielens(folder)
-    (folder / "ratings.csv").write_text("user,movie,rating,timestamp\n1,2,4.0,100\n")
-    with pytest.raises(DataError, match=r"missing column\(s\) \['userId', 'movieId'\]"):
-        load_movielens(folder)
-    with pytest.raises(DataError, match="no MovieLens ratings file"):
-        load_movielens(tmp_path / "nothing-here")
 
 
 def test_prepared_folder_errors_are_clear(tmp_path):

@@ -118,3 +118,21 @@ def test_bad_replies_are_rejected_and_rounds_complete(tmp_path):
         assert "NaN" in entry["rejected"]["sim-1"] and "shape" in entry["rejected"]["sim-2"]
         assert len(entry["trained"]) == 6
     assert summary["privacy"]["record_level"]["devices_trained"] == 6
+
+
+def test_the_plain_loop_runs_the_same_federation(finished_run):
+    """Without Flower, the same server core and device code give the same model and epsilons, bit for bit."""
+    from server.core import shrink_embeddings
+    from server.records import RunRecords
+    from simulation.plain import run_plain
+
+    config, summary, run_dir, _ = finished_run
+    plain = run_plain(config.replace(out_dir="", state_dir=""), engine="device")
+    checkpoint = RunRecords(run_dir).load_checkpoint()
+    flower_tables = shrink_embeddings(checkpoint.tables, checkpoint.noise_variance)
+    np.testing.assert_allclose(plain.tables.embedding, flower_tables.embedding, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(plain.tables.bias, flower_tables.bias, rtol=0, atol=1e-6)
+    reported: dict[str, float] = {}
+    for entry in read_jsonl(run_dir / "ledger.jsonl"):
+        reported.update(entry["epsilon_reported"])
+    assert plain.epsilon == pytest.approx(reported, rel=1e-12)

@@ -3,12 +3,28 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .interactions import DataError
 
 CATALOGUE_COLUMNS = ("item_index", "item_id", "title", "category")
+
+
+def read_our_csv(path: Path, header: tuple[str, ...], what: str) -> Iterator[tuple[int, list[str]]]:
+    """(line number, row) of a UTF-8 CSV this project wrote, after checking its header."""
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.reader(fh)
+            found = next(reader, None)
+            if found is None or tuple(found) != header:
+                raise DataError(f"{path}: line 1: expected header {','.join(header)}, got {found}")
+            yield from enumerate(reader, start=2)
+    except OSError as err:
+        raise DataError(f"{path}: cannot read {what} ({err})") from None
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 ({err})") from None
 
 
 @dataclass(frozen=True)
@@ -44,22 +60,12 @@ class Catalogue:
 
     @classmethod
     def read_csv(cls, path: Path) -> Catalogue:
-        try:
-            with open(path, newline="", encoding="utf-8") as fh:
-                reader = csv.reader(fh)
-                header = next(reader, None)
-                if header is None or tuple(header) != CATALOGUE_COLUMNS:
-                    raise DataError(f"{path}: line 1: expected header {','.join(CATALOGUE_COLUMNS)}, got {header}")
-                ids, titles, categories = [], [], []
-                for line, row in enumerate(reader, start=2):
-                    if len(row) != len(CATALOGUE_COLUMNS) or row[0] != str(line - 2):
-                        raise DataError(f"{path}: line {line}: expected item_index {line - 2} and 4 columns, got {row}")
-                    ids.append(row[1])
-                    titles.append(row[2])
-                    categories.append(row[3])
-        except OSError as err:
-            raise DataError(f"{path}: cannot read the catalogue ({err})") from None
-        except UnicodeDecodeError as err:
-            raise DataError(f"{path}: not UTF-8 ({err})") from None
+        ids, titles, categories = [], [], []
+        for line, row in read_our_csv(path, CATALOGUE_COLUMNS, "the catalogue"):
+            if len(row) != len(CATALOGUE_COLUMNS) or row[0] != str(line - 2):
+                raise DataError(f"{path}: line {line}: expected item_index {line - 2} and 4 columns, got {row}")
+            ids.append(row[1])
+            titles.append(row[2])
+            categories.append(row[3])
         return cls(item_ids=tuple(ids), titles=tuple(titles) if any(titles) else None,
                    categories=tuple(categories) if any(categories) else None)

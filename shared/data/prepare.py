@@ -1,94 +1,143 @@
-"""From a raw behaviour log to a prepared folder: dedupe, filter short histories, index ids, write.
+"""From a raw behaviour log to a prepared folder: dedupe, k-core filter, index, write per-device partitions.
 
-Every step logs what it dropped and why, with counts; the counts also go into the manifest.
+Every step logs what it dropped and why, with counts; the counts also go into the manifest. The
+folder holds the public catalogue, one small CSV per device (that device's own events only: what
+a deployed device is given) and the same events as device-sorted arrays (what a simulation reads).
 """
 
 from __future__ import annotations
 
+import csv
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 
-from .catalogue import Catalogue
-from .interactions import MIN_EVENTS, DataError, Interactions
+from .catalogue import Catalogue, read_our_csv
+from .formats import RawLog
+from .interactions import MIN_EVENTS, DataError, DeviceEvents, Interactions
 from .prepared import write_prepared
 
 log = logging.getLogger("fedrec.data")
-
-
-@dataclass
-class RawLog:
-    """A loaded log before indexing: columns user, item, time, weight (pandas), plus item metadata."""
-
-    events: pd.DataFrame  # columns: user (str), item (str), time (int64), weight (float32)
-    source: str
-    item_titles: dict[str, str] = field(default_factory=dict)
-    item_categories: dict[str, str] = field(default_factory=dict)
-    stats: dict[str, Any] = field(default_factory=dict)
+DEVICE_FILE_COLUMNS = ("item_index", "timestamp", "weight")
 
 
 @dataclass(frozen=True)
 class PrepareSettings:
     min_user_items: int = 5  # distinct items a device needs (train + validation + test)
     min_item_users: int = 1  # k-core threshold for items (1 = keep every item)
+    device_files: bool = True  # also write devices/<index>.csv
 
 
 def prepare_log(raw: RawLog, out: Path, *, dataset: str, settings: PrepareSettings = PrepareSettings()) -> dict:
-    """Turn `raw` into a prepared folder at `out`; returns the manifest's preprocessing stats."""
+    """Turn `raw` into a prepared folder at `out`; returns the preprocessing stats (also in the manifest)."""
     if settings.min_user_items < MIN_EVENTS:
         raise DataError(f"min-user-items must be at least {MIN_EVENTS} (train, validation and test item)")
-    events = raw.events
-    stats: dict[str, Any] = {"rows_read": int(len(events)), **raw.stats}
-    # Deduplicate (user, item): keep the first time, the strongest weight.
-    deduped = (events.groupby(["user", "item"], sort=False, observed=True)
-               .agg(time=("time", "min"), weight=("weight", "max")).reset_index())
-    stats["duplicates_merged"] = int(len(events) - len(deduped))
-    log.info("%s: %d rows, %d repeated (user, item) pairs merged", raw.source, len(events), stats["duplicates_merged"])
-    deduped = _filter_cores(deduped, settings, stats)
-    if deduped.empty:
+    stats: dict[str, Any] = {**raw.stats, "events_read": len(raw)}
+    users, items, times, weights = dedupe(raw.users, raw.items, raw.times, raw.weights)
+    stats["duplicates_merged"] = len(raw) - len(users)
+    log.info("%s: %d events; %d repeats of a (user, item) pair merged (first time, strongest weight kept)",
+             raw.source, len(raw), stats["duplicates_merged"])
+    keep = k_core(users, items, min_user_items=settings.min_user_items, min_item_users=settings.min_item_users,
+                  stats=stats)
+    users, items, times, weights = users[keep], items[keep], times[keep], weights[keep]
+    if not len(users):
         raise DataError(f"{raw.source}: no device keeps {settings.min_user_items} distinct items after filtering")
-    item_ids = sorted(deduped["item"].unique(), key=_natural_key)
-    user_ids = sorted(deduped["user"].unique(), key=_natural_key)
+    item_codes = np.unique(items)
+    item_ids = sorted((raw.item_ids[c] for c in item_codes), key=_natural_key)
     item_index = {item: i for i, item in enumerate(item_ids)}
+    item_map = np.full(len(raw.item_ids), -1, dtype=np.int64)
+    item_map[item_codes] = [item_index[raw.item_ids[c]] for c in item_codes]
+    user_codes = np.unique(users)
+    user_ids = sorted((raw.user_ids[c] for c in user_codes), key=_natural_key)
     user_index = {user: u for u, user in enumerate(user_ids)}
-    interactions = Interactions.from_unsorted(
-        deduped["user"].map(user_index).to_numpy(np.int64), deduped["item"].map(item_index).to_numpy(np.int64),
-        deduped["time"].to_numpy(np.int64), deduped["weight"].to_numpy(np.float32),
-        num_devices=len(user_ids), num_items=len(item_ids))
+    user_map = np.full(len(raw.user_ids), -1, dtype=np.int64)
+    user_map[user_codes] = [user_index[raw.user_ids[c]] for c in user_codes]
+    interactions = Interactions.from_unsorted(user_map[users], item_map[items], times, weights,
+                                              num_devices=len(user_ids), num_items=len(item_ids))
     catalogue = Catalogue(item_ids=tuple(item_ids),
                           titles=tuple(raw.item_titles.get(i, "") for i in item_ids) if raw.item_titles else None,
                           categories=tuple(raw.item_categories.get(i, "") for i in item_ids)
                           if raw.item_categories else None)
     stats.update(devices=len(user_ids), items=len(item_ids), events=len(interactions))
-    write_prepared(out, interactions, catalogue, list(user_ids),
-                   meta={"dataset": dataset, "source": raw.source, "preprocessing": stats})
+    out = Path(out)
+    write_prepared(out, interactions, catalogue, user_ids,
+                   meta={"dataset": dataset, "source": raw.source, "preprocessing": stats,
+                         "device_files": "devices/<device_index>.csv" if settings.device_files else None})
+    if settings.device_files:
+        write_device_files(out / "devices", interactions)
     log.info("prepared %d devices, %d items, %d events into %s", len(user_ids), len(item_ids), len(interactions), out)
     return stats
 
 
-def _filter_cores(df: pd.DataFrame, settings: PrepareSettings, stats: dict[str, Any]) -> pd.DataFrame:
-    """Alternate item and user filters until both thresholds hold (a k-core)."""
-    dropped_users = dropped_items = 0
+def dedupe(users: np.ndarray, items: np.ndarray, times: np.ndarray,
+           weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """One event per (user, item): the earliest time, the strongest weight."""
+    key = users.astype(np.int64) * (int(items.max()) + 1) + items
+    order = np.lexsort((times, key))
+    key_sorted = key[order]
+    first = np.r_[True, key_sorted[1:] != key_sorted[:-1]]
+    starts = np.flatnonzero(first)
+    strongest = np.maximum.reduceat(weights[order], starts) if len(starts) else weights[:0]
+    pick = order[starts]
+    return users[pick], items[pick], times[pick], strongest.astype(np.float32)
+
+
+def k_core(users: np.ndarray, items: np.ndarray, *, min_user_items: int, min_item_users: int,
+           stats: dict[str, Any]) -> np.ndarray:
+    """Rows kept after alternately dropping rare items and short devices until both thresholds hold."""
+    keep = np.ones(len(users), dtype=bool)
     while True:
-        item_users = df.groupby("item", observed=True)["user"].transform("size")
-        keep = item_users >= settings.min_item_users
-        dropped_items += int(df.loc[~keep, "item"].nunique())
-        df = df[keep]
-        user_items = df.groupby("user", observed=True)["item"].transform("size")
-        keep = user_items >= settings.min_user_items
-        dropped_users += int(df.loc[~keep, "user"].nunique())
-        df = df[keep]
-        if (df.groupby("item", observed=True)["user"].size() >= settings.min_item_users).all():
+        item_count = np.bincount(items[keep], minlength=int(items.max()) + 1)
+        rare = keep & (item_count[items] < min_item_users)
+        keep &= ~rare
+        user_count = np.bincount(users[keep], minlength=int(users.max()) + 1)
+        short = keep & (user_count[users] < min_user_items)
+        keep &= ~short
+        if not (rare.any() or short.any()):
             break
-    stats.update(users_dropped_short_history=dropped_users, items_dropped_rare=dropped_items)
-    log.info("dropped %d devices with fewer than %d distinct items and %d items with fewer than %d devices",
-             dropped_users, settings.min_user_items, dropped_items, settings.min_item_users)
-    return df
+    dropped_users = len(np.unique(users)) - len(np.unique(users[keep]))
+    dropped_items = len(np.unique(items)) - len(np.unique(items[keep]))
+    stats.update(users_dropped_short_history=dropped_users, items_dropped_rare=dropped_items,
+                 events_dropped_by_filters=int((~keep).sum()))
+    log.info("dropped %d devices with fewer than %d distinct items and %d items with fewer than %d devices "
+             "(%d events)", dropped_users, min_user_items, dropped_items, min_item_users, int((~keep).sum()))
+    return keep
+
+
+def write_device_files(folder: Path, interactions: Interactions) -> None:
+    """devices/<index>.csv: item_index,timestamp,weight - one device's own events, nothing else."""
+    folder.mkdir(parents=True, exist_ok=True)
+    offsets = interactions.offsets
+    for k in range(interactions.num_devices):
+        lo, hi = offsets[k], offsets[k + 1]
+        rows = zip(interactions.items[lo:hi], interactions.times[lo:hi], interactions.weights[lo:hi])
+        with open(folder / f"{k}.csv", "w", newline="", encoding="utf-8") as fh:
+            writer = csv.writer(fh)
+            writer.writerow(DEVICE_FILE_COLUMNS)
+            writer.writerows((int(i), int(t), f"{w:g}") for i, t, w in rows)
+
+
+def read_device_file(path: Path, *, num_items: int) -> DeviceEvents:
+    """A deployed device's own events, checked against the public catalogue's size."""
+    path = Path(path)
+    items, times, weights = [], [], []
+    for line, row in read_our_csv(path, DEVICE_FILE_COLUMNS, "the device's data"):
+        try:
+            item, time, weight = int(row[0]), int(row[1]), float(row[2])
+        except (ValueError, IndexError):
+            raise DataError(f"{path}: line {line}: expected item_index,timestamp,weight numbers, got {row}") from None
+        if not 0 <= item < num_items:
+            raise DataError(f"{path}: line {line}: item_index {item} is outside the catalogue of {num_items} items")
+        items.append(item)
+        times.append(time)
+        weights.append(weight)
+    return DeviceEvents(items=np.asarray(items, np.int64), times=np.asarray(times, np.int64),
+                        weights=np.asarray(weights, np.float32))
 
 
 def _natural_key(value: str) -> tuple[int, Any]:
-    return (0, int(value)) if value.isdigit() else (1, value)
+    return (0, int(value)) if value.lstrip("-").isdigit() else (1, value)
+
