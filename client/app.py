@@ -1,4 +1,4 @@
-"""Flower ClientApp: unpack a message, run the device's step from shared.device, pack the reply."""
+"""Flower ClientApp: unpack a message, run the step of the devices it names (shared.device), pack the reply."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -14,8 +15,9 @@ from flwr.clientapp.typing import Mod
 from shared import protocol as P
 from shared.config import ConfigError, RunConfig
 from shared.data.interactions import DataError
-from shared.data.population import open_population
-from shared.device import Device, DevicePolicy
+from shared.aggregation import PartialSum
+from shared.data.population import open_population, shard_members
+from shared.device import Device, DevicePolicy, TrainOutcome, report_popularity_sum, train_devices
 from shared.popularity import PopularityPlan
 from shared.state import DeviceState, FileStateStore, StateError
 from shared.training import LocalTrainingPlan, PlanError
@@ -29,85 +31,109 @@ STATE_RECORD = "fedrec-device-state"
 
 
 class ContextStateStore:
-    """Device state inside Flower's Context.state (lives as long as the simulation runs)."""
+    """A device's state inside Flower's Context.state (lives as long as the simulation runs)."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(self, context: Context, device_id: str) -> None:
         self.context = context
+        self.key = f"{STATE_RECORD}.{device_id}"
 
     def load(self) -> DeviceState | None:
-        record = self.context.state.get(STATE_RECORD)
+        record = self.context.state.get(self.key)
         if record is None:
             return None
         return DeviceState.from_bytes(record["state"], source="Context.state")
 
     def save(self, state: DeviceState) -> None:
-        self.context.state[STATE_RECORD] = ConfigRecord({"state": state.to_bytes()})
+        self.context.state[self.key] = ConfigRecord({"state": state.to_bytes()})
 
 
-def open_device(context: Context, config: RunConfig) -> Device:
-    """The simulated device behind this node: its partition of the population and its state store."""
-    if "partition-id" not in context.node_config:
-        raise ConfigError("node config: no 'partition-id'; simulated devices get it from Flower's simulation engine")
-    index = int(context.node_config["partition-id"])
-    population = open_population(config)
-    if index >= population.num_devices:
-        raise ConfigError(f"node partition-id {index}, but the population has {population.num_devices} devices: the "
-                          "simulation must run exactly one node per device (num-supernodes = devices)")
-    device_id = f"sim-{index}"
-    events = population.device_events(index)
-    store = (FileStateStore(Path(config.state_dir) / f"{device_id}.json") if config.state_dir
-             else ContextStateStore(context))
-    policy = DevicePolicy(epsilon_budget=config.epsilon_budget, embedding_dim=config.embedding_dim,
-                          init_scale=config.init_scale, seed=config.seed)
-    return Device(device_id, index, events, store, policy)
+class SimulatedNode:
+    """The devices a simulated node hosts: one (device engine) or a shard of the population (cohort engine)."""
+
+    def __init__(self, context: Context, config: RunConfig) -> None:
+        if "partition-id" not in context.node_config:
+            raise ConfigError("node config: no 'partition-id'; simulated devices get it from Flower's simulation "
+                              "engine")
+        shard = int(context.node_config["partition-id"])
+        shards = int(context.node_config.get("num-partitions", shard + 1))
+        self.context, self.config = context, config
+        self.population = open_population(config)
+        self.keys = {f"sim-{k}": k for k in shard_members(self.population.num_devices, shard, shards)}
+
+    def device_ids(self) -> list[str]:
+        return sorted(self.keys, key=self.keys.__getitem__)
+
+    def devices(self, cohort: RecordDict) -> list[Device]:
+        """The devices a request names; each must live on this node."""
+        if P.COHORT not in cohort:
+            raise P.ProtocolError("request has no cohort record naming its devices")
+        wanted = P.device_ids(cohort[P.COHORT], "cohort")
+        strangers = [d for d in wanted if d not in self.keys]
+        if strangers or not wanted:
+            raise P.ProtocolError(f"cohort names devices {strangers or wanted} that this node does not host")
+        return [self._device(d) for d in wanted]
+
+    def _device(self, device_id: str) -> Device:
+        cfg = self.config
+        store = (FileStateStore(Path(cfg.state_dir) / f"{device_id}.json", durable=False) if cfg.state_dir
+                 else ContextStateStore(self.context, device_id))
+        policy = DevicePolicy(epsilon_budget=cfg.epsilon_budget, embedding_dim=cfg.embedding_dim,
+                              init_scale=cfg.init_scale, seed=cfg.seed)
+        key = self.keys[device_id]
+        return Device(device_id, key, self.population.device_events(key), store, policy)
 
 
 def _arrays(record: ArrayRecord) -> dict:
     return {key: array.numpy() for key, array in record.items()}
 
 
-def _device_record(device: Device) -> ConfigRecord:
-    return ConfigRecord({P.DEVICE_ID: device.device_id})
+def _devices_record(devices: list[Device]) -> ConfigRecord:
+    return ConfigRecord({P.DEVICE_IDS: [d.device_id for d in devices]})
+
+
+def _report(outcomes: list[TrainOutcome], clipped: int = 0) -> MetricRecord:
+    return MetricRecord({"declined": [int(o.declined) for o in outcomes],
+                         "epsilon": [float(o.epsilon) for o in outcomes], "clipped": clipped})
 
 
 def handle_train(message: Message, context: Context, config: RunConfig) -> Message:
-    device = open_device(context, config)
+    devices = SimulatedNode(context, config).devices(message.content)
     plan = LocalTrainingPlan.from_config(dict(message.content[P.PLAN]))
     tables = P.tables_from_arrays(_arrays(message.content[P.TABLES]))
-    outcome = device.train(plan, tables)
-    content = RecordDict({P.REPORT: MetricRecord({"declined": int(outcome.declined), "epsilon": outcome.epsilon}),
-                          P.DEVICE: _device_record(device)})
-    if not outcome.declined:
-        delta = P.delta_to_arrays(outcome.embedding_delta, outcome.bias_delta)
-        content[P.DELTA] = ArrayRecord({k: Array(v) for k, v in delta.items()})
+    total = PartialSum.zeros(tables.num_items, tables.dim)
+    clip = float(message.content[P.COHORT].get(P.DELTA_CLIP, 0.0))
+    outcomes = train_devices(devices, plan, tables, into=total, delta_clip=clip)
+    content = RecordDict({P.REPORT: _report(outcomes, total.clipped), P.DEVICE: _devices_record(devices)})
+    if total.count:
+        content[P.DELTA] = ArrayRecord({k: Array(v) for k, v in P.delta_to_arrays(total.embedding,
+                                                                                  total.bias).items()})
     return Message(content, reply_to=message)
 
 
 def handle_popularity(message: Message, context: Context, config: RunConfig) -> Message:
-    device = open_device(context, config)
+    node = SimulatedNode(context, config)
+    devices = node.devices(message.content)
     plan = PopularityPlan.from_config(dict(message.content[P.PRIOR]))
-    num_items = open_population(config).num_items
-    outcome, counts = device.report_popularity(plan, num_items)
-    content = RecordDict({P.REPORT: MetricRecord({"declined": int(outcome.declined), "epsilon": outcome.epsilon}),
-                          P.DEVICE: _device_record(device)})
-    if counts is not None:
-        content[P.COUNTS] = ArrayRecord({P.ITEM_COUNTS: Array(counts)})
+    outcomes, total = report_popularity_sum(devices, plan, node.population.num_items)
+    content = RecordDict({P.REPORT: _report(outcomes), P.DEVICE: _devices_record(devices)})
+    if total is not None:
+        content[P.COUNTS] = ArrayRecord({P.ITEM_COUNTS: Array(total.astype(np.float32))})
     return Message(content, reply_to=message)
 
 
 def handle_evaluate(message: Message, context: Context, config: RunConfig) -> Message:
-    device = open_device(context, config)
+    devices = SimulatedNode(context, config).devices(message.content)
     settings = message.content[P.EVAL]
     tables = P.tables_from_arrays(_arrays(message.content[P.TABLES]))
-    metrics = device.evaluate(tables, target=str(settings["target"]), l2=float(settings["refit-l2"]),
-                              sampled_seed=int(settings["sampled-seed"]))
-    return Message(RecordDict({P.METRICS: MetricRecord(metrics), P.DEVICE: _device_record(device)}),
-                   reply_to=message)
+    per_device = [device.evaluate(tables, target=str(settings["target"]), l2=float(settings["refit-l2"]),
+                                  sampled_seed=int(settings["sampled-seed"])) for device in devices]
+    metrics = MetricRecord({key: [float(m[key]) for m in per_device] for key in per_device[0]})
+    return Message(RecordDict({P.METRICS: metrics, P.DEVICE: _devices_record(devices)}), reply_to=message)
 
 
 def handle_hello(message: Message, context: Context, config: RunConfig) -> Message:
-    device = open_device(context, config)
-    return Message(RecordDict({P.DEVICE: _device_record(device)}), reply_to=message)
+    return Message(RecordDict({P.DEVICE: ConfigRecord({P.DEVICE_IDS: SimulatedNode(context, config).device_ids()})}),
+                   reply_to=message)
 
 
 Handler = Callable[[Message, Context, RunConfig], Message]

@@ -6,12 +6,12 @@ Shared by the Flower round loop (server/loop.py) and the plain loop without Flow
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import numpy as np
 from scipy.stats import binom
 
-from shared.aggregation import Delta, PartialSum, delta_norm
+from shared.aggregation import PartialSum, delta_norm
 from shared.config import AUTO, RunConfig
 from shared.data.catalogue import Catalogue
 from shared.model import ItemTables, initial_item_tables
@@ -107,7 +107,12 @@ class ItemModelServer:
                                          beta2=config.server_beta2, tau=config.server_tau)
         self.noise_variance = 0.0  # per embedding coordinate, accumulated over rounds (nan: unknown)
 
-    def set_popularity(self, total: np.ndarray, *, reports: int, noise_multiplier: float) -> None:
+    def set_popularity(self, parts: list[tuple[np.ndarray, int]], *, noise_multiplier: float) -> None:
+        """Item biases from the nodes' (sum of noisy reports, number of reports), added in the order given."""
+        if not parts:
+            return
+        total = np.sum(np.stack([counts.astype(np.float64) for counts, _ in parts]), axis=0)
+        reports = sum(count for _, count in parts)
         self.tables = ItemTables(embedding=self.tables.embedding,
                                  bias=biases_from_counts(total, reports=reports, noise_multiplier=noise_multiplier))
 
@@ -133,13 +138,6 @@ class ItemModelServer:
         else:
             self.noise_variance = float("nan")
         return {"mean_delta_norm": delta_norm(mean), "clipped": total.clipped}
-
-    def sum_updates(self, updates: Mapping[str, Delta]) -> PartialSum:
-        """Clip each device's update and add them up, in device-id order (reproducible sums)."""
-        total = PartialSum.zeros(self.tables.num_items, self.tables.dim)
-        for device in sorted(updates):
-            total.add(updates[device], clip=self.config.delta_clip_norm)
-        return total
 
     def serving_tables(self) -> ItemTables:
         """The tables devices rank with: embeddings shrunk toward zero by their known noise (if enabled)."""

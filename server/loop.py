@@ -4,8 +4,10 @@ Round 0 (with the popularity prior): every device reports its items once with Ga
 the sum sets the item biases.
 Round r >= 1:
   1. sample `devices-per-round` known devices, seeded by (seed, r);
-  2. send each the item tables and the round plan (lr, steps, q, sigma, C, delta);
-  3. sort the replies: trained (validated delta), declined (budget), rejected (bad reply), failed;
+  2. send each node hosting some of them the item tables, the round plan (lr, steps, q, sigma,
+     C, delta) and the names of its devices to train;
+  3. sort the replies: trained (validated sum of clipped deltas), declined (budget), rejected
+     (bad reply), failed;
   4. append the round to the privacy ledger (before aggregating: devices spent epsilon either way);
   5. apply the uniform mean delta with the server optimizer and write a checkpoint;
   6. every `eval-every` rounds, and after the last, evaluate on devices and append metrics.
@@ -24,6 +26,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from shared import protocol as P
+from shared.aggregation import PartialSum
 from shared.config import RunConfig
 from shared.model import ItemTables
 
@@ -39,7 +42,7 @@ from .core import (
 )
 from .records import LEDGER, METRICS, Checkpoint, RunRecords
 from .registry import DeviceRegistry
-from .replies import EvalReplies, TrainReplies, sort_eval_replies, sort_popularity_replies, sort_train_replies
+from .replies import Asked, EvalReplies, TrainReplies, sort_eval_replies, sort_popularity_replies, sort_train_replies
 from .user_privacy import central_record
 
 log = logging.getLogger("fedrec.server")
@@ -51,6 +54,10 @@ class FederationResult:
     noise_multiplier: float
     final_eval: dict[str, float]
     devices: int
+
+
+def _cohort(devices: list[str], *, delta_clip: float = 0.0) -> ConfigRecord:
+    return ConfigRecord({P.DEVICE_IDS: devices, P.DELTA_CLIP: delta_clip})
 
 
 def _tables_record(tables: ItemTables) -> ArrayRecord:
@@ -71,7 +78,6 @@ class Federation:
     def run(self) -> FederationResult:
         cfg = self.config
         self.registry.wait_for(self.expected_devices, timeout=cfg.node_wait_timeout)
-        self.registry.refresh()
         self._restore_or_start()
         log.info("federation: %d devices, rounds %d..%d, %d per round, dp=%s sigma=%.4f", len(self.registry.node_of),
                  self.first_round, cfg.rounds, cfg.devices_per_round, cfg.dp, self.noise_multiplier)
@@ -102,27 +108,26 @@ class Federation:
         """Round 0: ask every device for its noisy item indicator; the sum becomes the item biases."""
         cfg, plan = self.config, popularity_plan(self.config)
         started = time.monotonic()
-        asked = {self.registry.node_of[d]: d for d in sorted(self.registry.node_of)}
-        content = RecordDict({P.PRIOR: ConfigRecord(plan.to_config())})
-        messages = [Message(content, dst_node_id=node, message_type=P.POPULARITY_MESSAGE) for node in asked]
+        asked = self.registry.group(sorted(self.registry.node_of))
+        messages = [Message(RecordDict({P.PRIOR: ConfigRecord(plan.to_config()), P.COHORT: _cohort(devices)}),
+                            dst_node_id=node, message_type=P.POPULARITY_MESSAGE) for node, devices in asked.items()]
         replies = sort_popularity_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
                                           self.num_items, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
         self._record_round(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), asked, replies)
-        if replies.updates:
-            total = np.sum(np.stack([replies.updates[d] for d in sorted(replies.updates)]), axis=0, dtype=np.float64)
-            self.model.set_popularity(total, reports=len(replies.updates), noise_multiplier=plan.noise_multiplier)
+        self.model.set_popularity(replies.ordered_parts(asked), noise_multiplier=plan.noise_multiplier)
         self._checkpoint(POPULARITY_ROUND)
         log.info("popularity prior from %d devices (%d declined, %d rejected, %d failed) in %.1fs",
-                 len(replies.updates), len(replies.declined), len(replies.rejected), len(replies.failed),
+                 len(replies.trained), len(replies.declined), len(replies.rejected), len(replies.failed),
                  time.monotonic() - started)
 
     def _record_round(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
-                      asked: dict[int, str], replies: TrainReplies, central: dict[str, Any] | None = None) -> None:
+                      asked: Asked, replies: TrainReplies, central: dict[str, Any] | None = None) -> None:
         """Append the round to the privacy ledger before anything else happens with its replies."""
         self.records.append(LEDGER, {
             "round": server_round, "kind": kind, "time": time.time(), "plan": plan,
             "privacy_steps": [list(step) for step in privacy_steps],
-            "asked": sorted(asked.values()), "trained": sorted(replies.updates), "declined": sorted(replies.declined),
+            "asked": sorted(d for devices in asked.values() for d in devices), "trained": replies.trained,
+            "declined": replies.declined,
             "rejected": replies.rejected, "failed": replies.failed,
             "epsilon_reported": {d: replies.epsilon[d] for d in sorted(replies.epsilon)},
             **({"central": central} if central else {}),
@@ -141,18 +146,24 @@ class Federation:
         chosen = sample_devices(self.registry.node_of, cfg.devices_per_round, seed=cfg.seed, server_round=server_round,
                                 salt=TRAIN_SALT, poisson=cfg.device_sampling == "poisson")
         plan = round_plan(cfg, server_round, self.noise_multiplier)
-        content = RecordDict({P.TABLES: _tables_record(self.model.tables), P.PLAN: ConfigRecord(plan.to_config())})
-        asked = {self.registry.node_of[d]: d for d in chosen}
-        messages = [Message(content, dst_node_id=node, message_type="train") for node in asked]
+        tables = _tables_record(self.model.tables)
+        asked = self.registry.group(chosen)
+        messages = [Message(RecordDict({P.TABLES: tables, P.PLAN: ConfigRecord(plan.to_config()),
+                                        P.COHORT: _cohort(devices, delta_clip=cfg.delta_clip_norm)}),
+                            dst_node_id=node, message_type="train") for node, devices in asked.items()]
         replies = sort_train_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
-                                     self.model.tables, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
-        central = central_record(cfg, population=len(self.registry.node_of), contributors=len(replies.updates))
+                                     self.model.tables, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget,
+                                     delta_clip=cfg.delta_clip_norm)
+        central = central_record(cfg, population=len(self.registry.node_of), contributors=len(replies.trained))
         self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies, central)
-        applied = self.model.apply(self.model.sum_updates(replies.updates), plan)
+        total = PartialSum.zeros(self.num_items, self.model.tables.dim)
+        for part in replies.ordered_parts(asked):
+            total.merge(part)
+        applied = self.model.apply(total, plan)
         self._checkpoint(server_round)
         eps = list(replies.epsilon.values())
         line = {"round": server_round, "seconds": round(time.monotonic() - started, 3),
-                "trained": len(replies.updates), "declined": len(replies.declined),
+                "trained": len(replies.trained), "declined": len(replies.declined),
                 "rejected": len(replies.rejected), "failed": len(replies.failed),
                 "epsilon_max_reported": max(eps) if eps else 0.0, **applied}
         self.records.append(METRICS, {"kind": "train", **line})
@@ -166,9 +177,10 @@ class Federation:
         self.registry.refresh()
         chosen = sample_devices(self.registry.node_of, count, seed=cfg.seed, server_round=server_round, salt=EVAL_SALT)
         settings = {"server-round": server_round, "target": "test", "refit-l2": cfg.refit_l2, "sampled-seed": cfg.seed}
-        content = RecordDict({P.TABLES: _tables_record(self.model.serving_tables()), P.EVAL: ConfigRecord(settings)})
-        asked = {self.registry.node_of[d]: d for d in chosen}
-        messages = [Message(content, dst_node_id=node, message_type="evaluate") for node in asked]
+        tables = _tables_record(self.model.serving_tables())
+        asked = self.registry.group(chosen)
+        messages = [Message(RecordDict({P.TABLES: tables, P.EVAL: ConfigRecord(settings), P.COHORT: _cohort(devices)}),
+                            dst_node_id=node, message_type="evaluate") for node, devices in asked.items()]
         replies = sort_eval_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked)
         metrics = average_metrics(replies)
         self.records.append(METRICS, {"kind": "final_evaluate" if final else "evaluate", "round": server_round,

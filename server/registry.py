@@ -1,5 +1,6 @@
-"""Which device sits behind which Flower node, learned by a one-time hello per node.
+"""Which devices sit behind which Flower node, learned by a one-time hello per node.
 
+A node hosts one device in deployment, or a shard of devices in a cohort simulation.
 Sampling by stable device id (not by Flower's random node ids) keeps runs reproducible
 and lets the ledger name the same device across restarts.
 """
@@ -22,37 +23,53 @@ class DeviceRegistry:
         self.grid = grid
         self.hello_timeout = hello_timeout
         self.node_of: dict[str, int] = {}
-        self.device_of: dict[int, str] = {}
+        self.devices_on: dict[int, list[str]] = {}
 
     def wait_for(self, count: int, *, timeout: float) -> int:
-        """Wait until `count` nodes are connected or `timeout` passes; returns how many are."""
+        """Wait until `count` devices are known (nodes connected and said hello) or `timeout` passes."""
         deadline = time.monotonic() + timeout
-        while (connected := len(list(self.grid.get_node_ids()))) < count and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if connected < count:
-            log.warning("only %d of %d devices connected after %.0fs; continuing with those", connected, count,
+        while True:
+            self.refresh()
+            if len(self.node_of) >= count or time.monotonic() >= deadline:
+                break
+            time.sleep(0.5)
+        if len(self.node_of) < count:
+            log.warning("only %d of %d devices online after %.0fs; continuing with those", len(self.node_of), count,
                         timeout)
-        return connected
+        return len(self.node_of)
 
     def refresh(self) -> None:
         """Say hello to nodes not seen before, and forget nodes that left."""
         online = set(self.grid.get_node_ids())
-        for node in set(self.device_of) - online:
-            self.node_of.pop(self.device_of.pop(node), None)
-        new = sorted(online - set(self.device_of))
+        for node in set(self.devices_on) - online:
+            for device in self.devices_on.pop(node):
+                self.node_of.pop(device, None)
+        new = sorted(online - set(self.devices_on))
         if not new:
             return
         replies = self.grid.send_and_receive(
             [Message(RecordDict(), dst_node_id=node, message_type="query") for node in new], timeout=self.hello_timeout)
         for reply in replies:
             node = reply.metadata.src_node_id
-            if reply.has_error():
-                log.warning("node %d did not say hello: %s", node, reply.error.reason)
+            try:
+                if reply.has_error():
+                    raise P.ProtocolError(reply.error.reason)
+                devices = P.device_ids(reply.content[P.DEVICE], "hello")
+            except (P.ProtocolError, KeyError) as err:
+                log.warning("node %d did not say hello: %s", node, err)
                 continue
-            device_id = str(reply.content[P.DEVICE][P.DEVICE_ID])
-            if device_id in self.node_of and self.node_of[device_id] != node:
-                log.warning("device %s moved from node %d to node %d", device_id, self.node_of[device_id], node)
-                self.device_of.pop(self.node_of[device_id], None)
-            self.node_of[device_id] = node
-            self.device_of[node] = device_id
-        log.info("%d devices known (%d new)", len(self.node_of), len(new))
+            for device in devices:
+                previous = self.node_of.get(device)
+                if previous is not None and previous != node:
+                    log.warning("device %s moved from node %d to node %d", device, previous, node)
+                    self.devices_on[previous] = [d for d in self.devices_on.get(previous, []) if d != device]
+                self.node_of[device] = node
+            self.devices_on[node] = devices
+        log.info("%d devices known on %d nodes (%d new nodes)", len(self.node_of), len(self.devices_on), len(new))
+
+    def group(self, devices: list[str]) -> dict[int, list[str]]:
+        """The nodes to ask for these devices, each with its own devices in the order given."""
+        asked: dict[int, list[str]] = {}
+        for device in devices:
+            asked.setdefault(self.node_of[device], []).append(device)
+        return asked

@@ -1,4 +1,10 @@
-"""Sorting and validating device replies: a bad reply is rejected with a reason, never a crash."""
+"""Sorting and validating node replies: a bad reply is rejected with a reason, never a crash.
+
+A node answers for the devices it was asked about (one in deployment, a shard in a cohort
+simulation): per-device reports in the order asked, plus one sum of the updates of those
+that trained. Anything wrong in a reply rejects all of that node's devices for the round,
+since their contributions cannot be told apart inside the sum.
+"""
 
 from __future__ import annotations
 
@@ -12,21 +18,29 @@ import numpy as np
 from flwr.app import Message
 
 from shared import protocol as P
+from shared.aggregation import PartialSum, delta_norm
 from shared.evaluation import DEVICE_METRIC_KEYS
 from shared.model import ItemTables
 
-
 log = logging.getLogger("fedrec.server")
 EPSILON_SLACK = 1e-9  # relative tolerance when comparing a reported epsilon to the budget
+NORM_SLACK = 1e-4  # relative tolerance of the clip check (a clipped float32 update can round a hair above it)
+
+Asked = dict[int, list[str]]  # node -> the devices it was asked about, in order
 
 
 @dataclass
 class TrainReplies:
-    updates: dict[str, Any] = field(default_factory=dict)  # device -> validated payload (delta or counts)
+    parts: dict[int, Any] = field(default_factory=dict)  # node -> validated payload (PartialSum or counts sum)
+    trained: list[str] = field(default_factory=list)
     epsilon: dict[str, float] = field(default_factory=dict)  # reported cumulative epsilon, trained or declined
     declined: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # device -> reason
     failed: dict[str, str] = field(default_factory=dict)  # device -> error / no reply
+
+    def ordered_parts(self, asked: Asked) -> list[Any]:
+        """Payloads in the order of each node's first device: sums are added in a reproducible order."""
+        return [self.parts[node] for node in sorted(self.parts, key=lambda n: asked[n][0])]
 
 
 @dataclass
@@ -36,108 +50,125 @@ class EvalReplies:
     failed: dict[str, str] = field(default_factory=dict)
 
 
-def _sender(reply: Message, device_of: dict[int, str]) -> str:
-    return device_of.get(reply.metadata.src_node_id, f"node-{reply.metadata.src_node_id}")
-
-
-def _check_identity(reply: Message, expected: str) -> None:
-    try:
-        claimed = str(reply.content[P.DEVICE][P.DEVICE_ID])
-    except (KeyError, TypeError):
-        raise P.ProtocolError("reply has no device record") from None
+def _check_identity(reply: Message, expected: list[str]) -> None:
+    if P.DEVICE not in reply.content:
+        raise P.ProtocolError("reply has no device record")
+    claimed = P.device_ids(reply.content[P.DEVICE], "device record")
     if claimed != expected:
-        raise P.ProtocolError(f"reply claims to come from '{claimed}', but the node belongs to '{expected}'")
+        raise P.ProtocolError(f"reply speaks for devices {claimed}, but the node was asked about {expected}")
 
 
-def _finite_number(record: dict, key: str) -> float:
-    if key not in record:
-        raise P.ProtocolError(f"report: missing '{key}'")
-    value = record[key]
+def _finite(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(float(value)):
-        raise P.ProtocolError(f"report: '{key}'={value!r} is not a finite number")
+        raise P.ProtocolError(f"{what}={value!r} is not a finite number")
     return float(value)
 
 
-def sort_train_replies(replies: Iterable[Message], asked: dict[int, str], tables: ItemTables, *,
-                       dp: bool, epsilon_budget: float) -> TrainReplies:
-    """Training replies: a validated item delta per device that trained."""
-    return _sort_reports(replies, asked, P.DELTA, lambda arrays: P.delta_from_arrays(arrays, tables),
-                         dp=dp, epsilon_budget=epsilon_budget)
+def _per_device(record: dict, key: str, count: int, what: str) -> list[float]:
+    values = record.get(key)
+    if not isinstance(values, list) or len(values) != count:
+        raise P.ProtocolError(f"{what}: '{key}' should list {count} value(s), one per device, got {values!r}")
+    return [_finite(v, f"{what}: '{key}'") for v in values]
 
 
-def sort_popularity_replies(replies: Iterable[Message], asked: dict[int, str], num_items: int, *,
-                            dp: bool, epsilon_budget: float) -> TrainReplies:
-    """Popularity replies: a validated noisy item-count vector per device that reported."""
-    return _sort_reports(replies, asked, P.COUNTS, lambda arrays: P.counts_from_arrays(arrays, num_items),
-                         dp=dp, epsilon_budget=epsilon_budget)
-
-
-def _sort_reports(replies: Iterable[Message], asked: dict[int, str], record: str,
-                  parse: Callable[[dict[str, np.ndarray]], Any], *, dp: bool, epsilon_budget: float) -> TrainReplies:
-    out = TrainReplies()
+def _replies_by_node(replies: Iterable[Message], asked: Asked, out: TrainReplies | EvalReplies,
+                     ) -> Iterable[tuple[int, list[str], Message]]:
+    """Replies of asked nodes (errors become failures); nodes that never answered are failed at the end."""
     answered = set()
     for reply in replies:
         node = reply.metadata.src_node_id
         if node not in asked:
             log.warning("ignoring a reply from node %d, which was not asked this round", node)
             continue
-        device = asked[node]
         answered.add(node)
         if reply.has_error():
-            out.failed[device] = reply.error.reason or f"error code {reply.error.code}"
-            log.warning("device %s failed: %s", device, out.failed[device])
+            reason = reply.error.reason or f"error code {reply.error.code}"
+            out.failed.update({d: reason for d in asked[node]})
+            log.warning("node %d (%s) failed: %s", node, _names(asked[node]), reason)
             continue
+        yield node, asked[node], reply
+    for node in set(asked) - answered:
+        out.failed.update({d: "no reply before the round timeout" for d in asked[node]})
+
+
+def _names(devices: list[str]) -> str:
+    return devices[0] if len(devices) == 1 else f"{len(devices)} devices from {devices[0]}"
+
+
+def sort_train_replies(replies: Iterable[Message], asked: Asked, tables: ItemTables, *, dp: bool,
+                       epsilon_budget: float, delta_clip: float) -> TrainReplies:
+    """Training replies: per node, the validated sum of its trained devices' (clipped) item deltas."""
+    def parse(arrays: dict[str, np.ndarray], count: int, report: dict) -> PartialSum:
+        emb, bias = P.delta_from_arrays(arrays, tables)
+        norm = delta_norm((emb, bias))
+        if delta_clip > 0 and norm > count * delta_clip * (1 + NORM_SLACK):
+            raise P.ProtocolError(f"update norm {norm:.4g} exceeds the bound {count} x delta-clip-norm {delta_clip}")
+        clipped = int(_finite(report.get("clipped", 0), "report: 'clipped'"))
+        return PartialSum(emb.astype(np.float64), bias.astype(np.float64), count=count, clipped=clipped)
+
+    return _sort_reports(replies, asked, P.DELTA, parse, dp=dp, epsilon_budget=epsilon_budget)
+
+
+def sort_popularity_replies(replies: Iterable[Message], asked: Asked, num_items: int, *, dp: bool,
+                            epsilon_budget: float) -> TrainReplies:
+    """Popularity replies: per node, the validated sum of its devices' noisy item-count vectors."""
+    return _sort_reports(replies, asked, P.COUNTS,
+                         lambda arrays, count, _: (P.counts_from_arrays(arrays, num_items).astype(np.float64), count),
+                         dp=dp, epsilon_budget=epsilon_budget)
+
+
+def _sort_reports(replies: Iterable[Message], asked: Asked, record: str,
+                  parse: Callable[[dict[str, np.ndarray], int, dict], Any], *, dp: bool,
+                  epsilon_budget: float) -> TrainReplies:
+    out = TrainReplies()
+    for node, devices, reply in _replies_by_node(replies, asked, out):
         try:
-            _check_identity(reply, device)
+            _check_identity(reply, devices)
             if P.REPORT not in reply.content:
                 raise P.ProtocolError("reply has no report record")
             report = dict(reply.content[P.REPORT])
-            declined = _finite_number(report, "declined")
-            eps = _finite_number(report, "epsilon")
-            if declined not in (0.0, 1.0) or eps < 0:
+            declined = _per_device(report, "declined", len(devices), "report")
+            eps = _per_device(report, "epsilon", len(devices), "report")
+            if any(d not in (0.0, 1.0) for d in declined) or min(eps) < 0:
                 raise P.ProtocolError(f"report: declined={declined}, epsilon={eps} out of range")
-            if dp and eps > epsilon_budget * (1 + EPSILON_SLACK):
-                raise P.ProtocolError(f"reported epsilon {eps:.4f} exceeds the budget {epsilon_budget}")
-            out.epsilon[device] = eps
-            if declined:
-                out.declined.append(device)
-                continue
-            if record not in reply.content:
-                raise P.ProtocolError(f"reply neither declines nor carries a '{record}' record")
-            arrays = {k: np.asarray(a.numpy()) for k, a in reply.content[record].items()}
-            out.updates[device] = parse(arrays)
+            if dp and max(eps) > epsilon_budget * (1 + EPSILON_SLACK):
+                raise P.ProtocolError(f"reported epsilon {max(eps):.4f} exceeds the budget {epsilon_budget}")
+            trained = [d for d, flag in zip(devices, declined) if not flag]
+            if trained and record not in reply.content:
+                raise P.ProtocolError(f"{len(trained)} device(s) trained but the reply carries no '{record}' record")
+            if not trained and record in reply.content:
+                raise P.ProtocolError(f"every device declined but the reply carries a '{record}' record")
+            if trained:
+                arrays = {k: np.asarray(a.numpy()) for k, a in reply.content[record].items()}
+                out.parts[node] = parse(arrays, len(trained), report)
         except (P.ProtocolError, ValueError, TypeError) as err:
-            out.rejected[device] = str(err)
-            out.epsilon.pop(device, None)
-            log.warning("rejected the reply of device %s: %s", device, err)
-    for node in set(asked) - answered:
-        out.failed[asked[node]] = "no reply before the round timeout"
+            out.rejected.update({d: str(err) for d in devices})
+            log.warning("rejected the reply of node %d (%s): %s", node, _names(devices), err)
+            continue
+        out.trained += trained
+        out.declined += [d for d in devices if d not in trained]
+        out.epsilon.update(zip(devices, eps))
+    out.trained.sort()
+    out.declined.sort()
     return out
 
 
-def sort_eval_replies(replies: Iterable[Message], asked: dict[int, str]) -> EvalReplies:
+def sort_eval_replies(replies: Iterable[Message], asked: Asked) -> EvalReplies:
     out = EvalReplies()
-    answered = set()
-    for reply in replies:
-        node = reply.metadata.src_node_id
-        if node not in asked:
-            continue
-        device = asked[node]
-        answered.add(node)
-        if reply.has_error():
-            out.failed[device] = reply.error.reason or f"error code {reply.error.code}"
-            continue
+    for node, devices, reply in _replies_by_node(replies, asked, out):
         try:
-            _check_identity(reply, device)
+            _check_identity(reply, devices)
+            if P.METRICS not in reply.content:
+                raise P.ProtocolError("reply has no metrics record")
             metrics = dict(reply.content[P.METRICS])
-            values = {k: _finite_number(metrics, k) for k in DEVICE_METRIC_KEYS}
-            if any(not 0.0 <= v <= 1.0 for v in values.values()):
-                raise P.ProtocolError(f"metrics out of [0, 1]: {values}")
-            values.update({k: float(v) for k, v in metrics.items() if k.startswith("sampled_")})
-            out.metrics[device] = values
-        except (P.ProtocolError, KeyError, TypeError, ValueError) as err:
-            out.rejected[device] = str(err)
-            log.warning("rejected the evaluation of device %s: %s", device, err)
-    for node in set(asked) - answered:
-        out.failed[asked[node]] = "no reply before the round timeout"
+            keys = [*DEVICE_METRIC_KEYS, *sorted(k for k in metrics if k.startswith("sampled_"))]
+            values = {k: _per_device(metrics, k, len(devices), "metrics") for k in keys}
+            if any(not 0.0 <= v <= 1.0 for k in DEVICE_METRIC_KEYS for v in values[k]):
+                raise P.ProtocolError(f"metrics out of [0, 1]: { {k: values[k] for k in DEVICE_METRIC_KEYS} }")
+        except (P.ProtocolError, ValueError, TypeError) as err:
+            out.rejected.update({d: str(err) for d in devices})
+            log.warning("rejected the evaluation of node %d (%s): %s", node, _names(devices), err)
+            continue
+        for j, device in enumerate(devices):
+            out.metrics[device] = {k: v[j] for k, v in values.items()}
     return out

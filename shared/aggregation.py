@@ -21,8 +21,10 @@ def delta_norm(delta: Delta) -> float:
 
 def clip_delta(delta: Delta, bound: float) -> tuple[Delta, bool]:
     """Scale a device's whole update (embeddings and biases together) down to L2 norm `bound` (0: no clip)."""
+    if bound <= 0:
+        return delta, False
     norm = delta_norm(delta)
-    if bound <= 0 or norm <= bound:
+    if norm <= bound:
         return delta, False
     factor = bound / norm
     return ((delta[0] * factor).astype(np.float32), (delta[1] * factor).astype(np.float32)), True

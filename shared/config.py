@@ -123,7 +123,17 @@ class RunConfig:
     eval_devices: int = _opt(100, "devices sampled for a federated evaluation round (0 = all)", min=0)
     final_eval_devices: int = _opt(0, "devices in the evaluation after the last round (0 = all)", min=0)
     refit_l2: float = _opt(3.0, "ridge penalty of the on-device user re-fit used for ranking", min_exclusive=0.0)
+    baselines: bool = _opt(True, "simulation: after the run, evaluate the model and the random, popularity and central "
+                                 "MF baselines centrally on every device (false: the federated evaluation only)")
     ranking_shrinkage: bool = _opt(True, "rank with item embeddings shrunk by their known DP noise (FedAvg only)")
+
+    # --- simulation engine (fedrec simulate only; a deployment runs one device per node) --
+    simulation_engine: str = _opt("cohort", "cohort: each simulated node hosts a shard of the devices and trains a "
+                                            "round's devices of its shard in one batched Opacus pass | device: one "
+                                            "node per device (the deployment path)", choices=("cohort", "device"))
+    simulation_shards: int = _opt(0, "nodes of the cohort engine (0 = one per CPU of the Ray cluster)", min=0)
+    ray_address: str = _opt("", "attach the simulation to a running Ray cluster ('auto' or host:port; '' = start a "
+                                "private one)")
 
     # --- output -----------------------------------------------------------------------
     out_dir: str = _opt("", "run directory (default runs/<timestamp>)")

@@ -16,6 +16,7 @@ from typing import Protocol
 
 import numpy as np
 
+from .aggregation import PartialSum
 from .data.interactions import DataError, DeviceEvents, DeviceSplit, split_device
 from .evaluation import DEVICE_METRIC_KEYS, rank_scores
 from .model import ItemTables, initial_user_row
@@ -128,12 +129,15 @@ class Device:
 
 
 def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: ItemTables, *,
+                  into: PartialSum | None = None, delta_clip: float = 0.0,
                   max_cohort_bytes: int = COHORT_BYTES) -> list[TrainOutcome]:
     """One round for several devices: budget checks, then Opacus passes over cohorts of those that train.
 
     Each device's clipping, noise and accounting are exactly those of training it alone
     (shared/training.py); a single device is the deployment path. Cohorts are cut so their
-    stacked item tables stay under `max_cohort_bytes`.
+    stacked item tables stay under `max_cohort_bytes`. With `into`, each update is clipped
+    to `delta_clip` and added there as soon as its cohort is done, and not kept in the
+    outcome: a node's memory then stays at one cohort, however many devices it trains.
     """
     states = [d.load_state() for d in devices]
     outcomes: list[TrainOutcome | None] = [None] * len(devices)
@@ -153,9 +157,25 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
                               noise_seed=_noise_seed(devices[cohort[0]].policy.seed, keys, plan.server_round))
         for row, j in enumerate(cohort):
             eps = devices[j].commit(plan, states[j], update.user_rows[row], update.histories[row])
-            outcomes[j] = TrainOutcome(declined=False, epsilon=eps, embedding_delta=update.embedding_delta[row],
-                                       bias_delta=update.bias_delta[row])
+            delta = (update.embedding_delta[row], update.bias_delta[row])
+            if into is not None:
+                into.add(delta, clip=delta_clip)
+                outcomes[j] = TrainOutcome(declined=False, epsilon=eps)
+            else:
+                outcomes[j] = TrainOutcome(declined=False, epsilon=eps, embedding_delta=delta[0], bias_delta=delta[1])
     return [o for o in outcomes if o is not None]
+
+
+def report_popularity_sum(devices: Sequence[Device], plan: PopularityPlan,
+                          num_items: int) -> tuple[list[TrainOutcome], np.ndarray | None]:
+    """A node's popularity report: each device's outcome, and the float64 sum of the reports made (None if none)."""
+    outcomes, total = [], None
+    for device in devices:
+        outcome, counts = device.report_popularity(plan, num_items)
+        outcomes.append(outcome)
+        if counts is not None:
+            total = counts.astype(np.float64) if total is None else total + counts
+    return outcomes, total
 
 
 def _noise_seed(seed: int, device_keys: Sequence[int], server_round: int) -> int:

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from .privacy.embedding_norms import RowEmbedding
+
 
 @dataclass(frozen=True)
 class ItemTables:
@@ -90,9 +92,9 @@ class MatrixFactorization(nn.Module):
         if self.item_copies not in (1, user_rows.shape[0]) or item_embedding.shape[0] % num_items:
             raise ValueError(f"item table rows {item_embedding.shape[0]} must be num_items ({num_items}) "
                              f"times 1 or the number of users ({user_rows.shape[0]})")
-        self.user = nn.Embedding.from_pretrained(user_rows / user_scale, freeze=False)
-        self.item_embedding = nn.Embedding.from_pretrained(item_embedding.clone(), freeze=False)
-        self.item_bias = nn.Embedding.from_pretrained(item_bias.reshape(-1, 1) / bias_scale, freeze=False)
+        self.user = RowEmbedding.from_pretrained(user_rows / user_scale, freeze=False)
+        self.item_embedding = RowEmbedding.from_pretrained(item_embedding.clone(), freeze=False)
+        self.item_bias = RowEmbedding.from_pretrained(item_bias.reshape(-1, 1) / bias_scale, freeze=False)
 
     def user_values(self) -> np.ndarray:
         return (self.user_scale * self.user.weight.detach()).numpy()

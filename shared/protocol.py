@@ -1,14 +1,21 @@
-"""Names and shapes of what travels between server and devices (no Flower types here).
+"""Names and shapes of what travels between server and nodes (no Flower types here).
 
+A node hosts one device (deployment) or a shard of simulated devices (cohort engine); every
+request names the devices it is for, and every reply lists per-device reports in that order.
 Train request:  tables {item-embedding, item-bias} + plan (LocalTrainingPlan as config)
-Train reply:    delta {item-embedding-delta, item-bias-delta} (absent when declined)
-                + report {declined, epsilon} + device {device-id}
-Eval request:   tables + eval {server-round, target, refit-l2, sampled-seed}
-Eval reply:     metrics {hr@10, ndcg@10, recall@20, sampled_*} + device {device-id}
-Popularity:     request prior (PopularityPlan); reply counts {item-counts} (absent when declined)
+                + cohort {device-ids, delta-clip-norm}
+Train reply:    delta {item-embedding-delta, item-bias-delta}: the sum of the updates of the
+                devices that trained, each clipped to delta-clip-norm (absent when none trained)
+                + report {declined: [0|1 per device], epsilon: [per device], clipped}
+                + device {device-ids}
+Eval request:   tables + eval {server-round, target, refit-l2, sampled-seed} + cohort
+Eval reply:     metrics {hr@10: [per device], ndcg@10, recall@20, sampled_*} + device
+Popularity:     request prior (PopularityPlan) + cohort; reply counts {item-counts} (the sum
+                of the reporting devices' noisy indicators; absent when all declined)
                 + report + device
-Hello (query):  reply device {device-id}
-Nothing else leaves a device: no user row, no data size, no loss.
+Hello (query):  reply device {device-ids} (the devices the node hosts)
+Nothing else leaves a device: no user row, no data size, no loss. With one device per node
+the sum is that device's own clipped update, so the server sees exactly what it sent.
 """
 
 from __future__ import annotations
@@ -33,7 +40,9 @@ POPULARITY_MESSAGE = "train.popularity"
 
 EMBEDDING, BIAS = "item-embedding", "item-bias"
 EMBEDDING_DELTA, BIAS_DELTA = "item-embedding-delta", "item-bias-delta"
-DEVICE_ID = "device-id"
+DEVICE_IDS = "device-ids"
+COHORT = "cohort"
+DELTA_CLIP = "delta-clip-norm"
 
 
 class ProtocolError(ValueError):
@@ -59,7 +68,7 @@ def delta_to_arrays(embedding_delta: np.ndarray, bias_delta: np.ndarray) -> dict
 
 
 def delta_from_arrays(arrays: Mapping[str, np.ndarray], tables: ItemTables) -> tuple[np.ndarray, np.ndarray]:
-    """Validate an item delta against the current tables: keys, shapes, dtype, finite values."""
+    """Validate an item delta (or a sum of them) against the current tables: keys, shapes, dtype, finite values."""
     _expect_keys(arrays, (EMBEDDING_DELTA, BIAS_DELTA), "delta")
     emb, bias = arrays[EMBEDDING_DELTA], arrays[BIAS_DELTA]
     for key, value, shape in ((EMBEDDING_DELTA, emb, tables.embedding.shape), (BIAS_DELTA, bias, tables.bias.shape)):
@@ -73,7 +82,7 @@ def delta_from_arrays(arrays: Mapping[str, np.ndarray], tables: ItemTables) -> t
 
 
 def counts_from_arrays(arrays: Mapping[str, np.ndarray], num_items: int) -> np.ndarray:
-    """Validate a device's noisy item-count report: one finite float32 per catalogue item."""
+    """Validate a (sum of) noisy item-count report(s): one finite float32 per catalogue item."""
     _expect_keys(arrays, (ITEM_COUNTS,), "counts")
     counts = arrays[ITEM_COUNTS]
     if counts.shape != (num_items,) or counts.dtype != np.float32:
@@ -86,3 +95,11 @@ def counts_from_arrays(arrays: Mapping[str, np.ndarray], num_items: int) -> np.n
 def _expect_keys(arrays: Mapping[str, np.ndarray], keys: tuple[str, ...], what: str) -> None:
     if set(arrays) != set(keys):
         raise ProtocolError(f"{what}: expected keys {sorted(keys)}, got {sorted(arrays)}")
+
+
+def device_ids(record: Mapping[str, object], what: str) -> list[str]:
+    """The device-ids list of a cohort or device record: distinct strings."""
+    ids = record.get(DEVICE_IDS) if hasattr(record, "get") else None
+    if not isinstance(ids, list) or not all(isinstance(d, str) for d in ids) or len(set(ids)) != len(ids):
+        raise ProtocolError(f"{what}: '{DEVICE_IDS}' should be a list of distinct strings, got {ids!r}")
+    return ids

@@ -66,8 +66,12 @@ class DeviceState:
                              "train, since starting over would reset the privacy budget") from None
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, flush to disk, then rename over `path`."""
+def atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write to a temporary file in the same folder, flush to disk (`durable`), then rename over `path`.
+
+    The rename alone makes the write atomic for a process that dies; the flush to disk also
+    covers the machine losing power.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -75,7 +79,8 @@ def atomic_write(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -85,8 +90,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 class FileStateStore:
     """Device state in one file (deployment: under the node's state-path; simulation: under the run)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, durable: bool = True) -> None:
         self.path = Path(path)
+        self.durable = durable  # simulation: atomic but not flushed to disk (no power loss to survive)
 
     def load(self) -> DeviceState | None:
         try:
@@ -98,7 +104,7 @@ class FileStateStore:
         return DeviceState.from_bytes(raw, source=str(self.path))
 
     def save(self, state: DeviceState) -> None:
-        atomic_write(self.path, state.to_bytes())
+        atomic_write(self.path, state.to_bytes(), durable=self.durable)
 
 
 class MemoryStateStore:

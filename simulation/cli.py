@@ -193,6 +193,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import bench_command
+
+    return bench_command(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated recommender with differential privacy.")
     common = argparse.ArgumentParser(add_help=False)
@@ -244,6 +250,21 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS", help="more settings")
     add_data_flags(report)
     report.set_defaults(func=cmd_report)
+
+    bench = sub.add_parser("bench", parents=[common], help="time the Flower simulation against the plain loop: "
+                                                           "startup, round times, per-update cost, memory, bytes")
+    bench.add_argument("--devices-per-round", type=int, help="devices trained per round (default 10)")
+    bench.add_argument("--population", type=int, help="synthetic devices (default 1000)")
+    bench.add_argument("--items", type=int, help="synthetic catalogue size (default 1000)")
+    bench.add_argument("--dim", type=int, help="embedding dimension (default 32)")
+    bench.add_argument("--dp", action=argparse.BooleanOptionalAction, help="record-level DP on or off (default on)")
+    bench.add_argument("--rounds", type=int, default=4, help="training rounds; round 1 is reported apart, the "
+                                                             "median of the others is the steady round time")
+    bench.add_argument("--engine", choices=("cohort", "device"), default="cohort", help=help_of["simulation-engine"])
+    bench.add_argument("--grid", action="store_true", help="run the default grid of cells, each in its own process")
+    bench.add_argument("--json", action="store_true", help="print the cells as JSON (the table goes to stderr)")
+    bench.add_argument("--out", help="also write DIR/bench.json")
+    bench.set_defaults(func=cmd_bench)
 
     prep = sub.add_parser("prepare", parents=[common], help="turn a raw data set into per-device partitions and a catalogue")
     prep.add_argument("--dataset", required=True, help="movielens | taobao | retailrocket | counts | csv")

@@ -1,15 +1,17 @@
 """The same federation without Flower: devices called directly in a Python loop.
 
 It runs the server's algorithm (server/core.py) and the devices' step (shared/device.py)
-exactly as the Flower app does, for the same seed, so it serves as the reference for
-tests, the lower bound for benchmarks, and the engine of privacy-utility sweeps.
-engine="device" trains one device at a time (the deployment path); engine="cohort" trains
-each round's devices in as few Opacus passes as memory allows.
+exactly as the Flower app does, for the same seed and the same devices per node, so it
+serves as the reference for tests, the lower bound for benchmarks, and the engine of
+privacy-utility sweeps. Engine "device": one device per node, trained alone (the deployment
+path); "cohort": device k lives on node k mod N, and each node trains its devices of the
+round in as few Opacus passes as memory allows and sends one sum of their clipped updates.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,14 +27,24 @@ from server.core import (
     round_plan,
     sample_devices,
 )
+from shared import protocol as P
+from shared.aggregation import PartialSum
 from shared.config import RunConfig
 from shared.data.population import Population, open_population
-from shared.device import Device, DevicePolicy, TrainOutcome, train_devices
+from shared.device import Device, DevicePolicy, TrainOutcome, report_popularity_sum, train_devices
 from shared.model import ItemTables
 from shared.state import MemoryStateStore
 
 log = logging.getLogger("fedrec.simulation")
 ENGINES = ("device", "cohort")
+
+
+def node_count(config: RunConfig, population: int, *, cpus: int | None = None) -> int:
+    """Simulated nodes: one per device, or (cohort) `simulation-shards`, by default one per CPU."""
+    if config.simulation_engine == "device":
+        return population
+    shards = config.simulation_shards or cpus or os.cpu_count() or 1
+    return max(1, min(shards, population))
 
 
 @dataclass
@@ -42,6 +54,7 @@ class PlainResult:
     epsilon: dict[str, float] = field(default_factory=dict)  # latest cumulative epsilon per device that trained
     declined: set[str] = field(default_factory=set)
     round_seconds: list[float] = field(default_factory=list)
+    round_trained: list[int] = field(default_factory=list)  # devices that trained in each round
 
 
 def build_devices(config: RunConfig, population: Population) -> dict[str, Device]:
@@ -54,41 +67,54 @@ def build_devices(config: RunConfig, population: Population) -> dict[str, Device
 Observer = Callable[[int, dict], None]  # (server round, device -> (embedding delta, bias delta)) as the server sees it
 
 
-def run_plain(config: RunConfig, *, engine: str = "cohort", population: Population | None = None,
-              observe: Observer | None = None) -> PlainResult:
-    """Run the federation; `observe` sees every round's per-device updates, as the server does (for attacks)."""
+def run_plain(config: RunConfig, *, engine: str | None = None, population: Population | None = None,
+              nodes: int | None = None, observe: Observer | None = None) -> PlainResult:
+    """Run the federation (engine and nodes as `fedrec simulate` would choose them, unless given).
+
+    `observe` sees every round's per-device updates, as the server would with one device per node (attacks).
+    """
+    engine = engine or config.simulation_engine
     if engine not in ENGINES:
         raise ValueError(f"engine '{engine}': expected one of {ENGINES}")
     population = population or open_population(config)
+    nodes = nodes or node_count(config.replace(simulation_engine=engine), population.num_devices)
     devices = build_devices(config, population)
     server = ItemModelServer(config, initial_tables(config, population.catalogue()))
     result = PlainResult(tables=server.tables, noise_multiplier=noise_multiplier_for(config, len(devices)))
     prior = popularity_plan(config)
     if prior is not None:
-        reports = {}
-        for device_id in sorted(devices):
-            outcome, counts = devices[device_id].report_popularity(prior, population.num_items)
-            result.epsilon[device_id] = outcome.epsilon
+        parts = []
+        for group in _by_node(sorted(devices), devices, nodes):
+            outcomes, counts = report_popularity_sum([devices[d] for d in group], prior, population.num_items)
+            result.epsilon.update((d, o.epsilon) for d, o in zip(group, outcomes))
             if counts is not None:
-                reports[device_id] = counts
-        if reports:
-            total = np.sum(np.stack([reports[d] for d in sorted(reports)]), axis=0, dtype=np.float64)
-            server.set_popularity(total, reports=len(reports), noise_multiplier=prior.noise_multiplier)
+                parts.append((counts.astype(np.float32), sum(not o.declined for o in outcomes)))
+        server.set_popularity(parts, noise_multiplier=prior.noise_multiplier)
     for server_round in range(1, config.rounds + 1):
         started = time.perf_counter()
         chosen = sample_devices(devices, config.devices_per_round, seed=config.seed, server_round=server_round,
                                 salt=TRAIN_SALT, poisson=config.device_sampling == "poisson")
         plan = round_plan(config, server_round, result.noise_multiplier)
-        if engine == "cohort":
-            outcomes = train_devices([devices[d] for d in chosen], plan, server.tables)
-        else:
-            outcomes = [devices[d].train(plan, server.tables) for d in chosen]
-        updates = _collect(chosen, outcomes, result)
+        total = PartialSum.zeros(population.num_items, config.embedding_dim)
+        seen: dict = {}
+        for group in _by_node(chosen, devices, nodes):
+            node_sum = PartialSum.zeros(population.num_items, config.embedding_dim)
+            if observe is None:  # as a node does: each update clipped into the node's sum as its cohort finishes
+                _collect(group, train_devices([devices[d] for d in group], plan, server.tables, into=node_sum,
+                                              delta_clip=config.delta_clip_norm), result)
+            else:
+                updates = _collect(group, train_devices([devices[d] for d in group], plan, server.tables), result)
+                for device in group:
+                    if device in updates:
+                        node_sum.add(updates[device], clip=config.delta_clip_norm)
+                seen.update(updates)
+            total.merge(as_sent(node_sum))
         if observe is not None:
-            observe(server_round, updates)
-        server.apply(server.sum_updates(updates), plan)
+            observe(server_round, seen)
+        server.apply(total, plan)
         result.round_seconds.append(time.perf_counter() - started)
-        log.debug("plain round %d: %d trained in %.2fs", server_round, len(updates), result.round_seconds[-1])
+        result.round_trained.append(total.count)
+        log.debug("plain round %d: %d trained in %.2fs", server_round, total.count, result.round_seconds[-1])
     result.tables = server.serving_tables()
     return result
 
@@ -102,3 +128,17 @@ def _collect(chosen: list[str], outcomes: list[TrainOutcome], result: PlainResul
         else:
             updates[device] = (outcome.embedding_delta, outcome.bias_delta)
     return updates
+
+
+def _by_node(chosen: list[str], devices: dict[str, Device], nodes: int) -> list[list[str]]:
+    """A round's devices grouped as the server asks the nodes: in id order, nodes by their first device."""
+    groups: dict[int, list[str]] = {}
+    for device in chosen:
+        groups.setdefault(devices[device].device_key % nodes, []).append(device)
+    return sorted(groups.values(), key=lambda group: group[0])
+
+
+def as_sent(node_sum: PartialSum) -> PartialSum:
+    """A node's sum as the server receives it: float32 on the wire."""
+    emb, bias = (a.astype(np.float64) for a in P.delta_to_arrays(node_sum.embedding, node_sum.bias).values())
+    return PartialSum(emb, bias, count=node_sum.count, clipped=node_sum.clipped)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import json
 import logging
 import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +17,8 @@ from shared.data.loaders import load_dataset
 from shared.data.population import open_population
 from shared.data.prepare import PrepareSettings, prepare_log
 from shared.evaluation import METRIC_KEYS
+
+from .plain import node_count
 
 log = logging.getLogger("fedrec.simulation")
 
@@ -38,6 +44,51 @@ def prepare_run_data(config: RunConfig, run_dir: Path) -> RunConfig:
     return config.replace(dataset="prepared", data_path=str(prepared.resolve()))
 
 
+# Flower 1.42's simulation engine hands requests to the node workers from a thread that sweeps every
+# node's inbox and then sleeps 0.1 s: a fixed wait at the start of every round, larger than a cohort
+# round's training at 100 devices. With few nodes (the cohort engine) sweeping more often is cheap.
+DISPATCH_SWEEP_S = 0.005
+DISPATCH_MAX_NODES = 256  # a sweep asks every node; above this keep Flower's own interval
+
+
+@contextlib.contextmanager
+def prompt_dispatch(nodes: int) -> Iterator[None]:
+    """Within the block, the engine's dispatch thread sweeps every 5 ms (few nodes only; Flower 1.42's layout)."""
+    try:
+        from flwr.server.superlink.fleet.vce import vce_api
+    except ImportError:
+        yield
+        return
+    original = getattr(vce_api, "add_messages_to_queue", None)
+    expected = ["state", "queue", "nodes_mapping", "f_stop"]
+    if nodes > DISPATCH_MAX_NODES or original is None or list(inspect.signature(original).parameters) != expected:
+        yield
+        return
+
+    def sweep_often(state: Any, queue: Any, nodes_mapping: dict, f_stop: threading.Event) -> None:
+        while not f_stop.is_set():
+            for node_id in list(nodes_mapping):
+                for message in state.get_message_ins(node_id=node_id, limit=1):
+                    queue.put(message)
+            f_stop.wait(DISPATCH_SWEEP_S)
+
+    vce_api.add_messages_to_queue = sweep_often
+    try:
+        yield
+    finally:
+        vce_api.add_messages_to_queue = original
+
+
+def backend_config(config: RunConfig, cpus: int, *, verbose: bool) -> dict[str, Any]:
+    """Flower's Ray backend: a private Ray instance on this machine, or the cluster at `ray-address`."""
+    init_args: dict[str, Any] = {"logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}
+    if config.ray_address:
+        init_args["address"] = config.ray_address  # the cluster's own resources apply
+    else:
+        init_args.update(num_cpus=cpus, num_gpus=0, include_dashboard=False)
+    return {"client_resources": {"num_cpus": 1, "num_gpus": 0.0}, "init_args": init_args}
+
+
 def simulate(config: RunConfig, *, verbose: bool = False, client_mods: list | None = None) -> dict[str, Any]:
     """Run a whole simulation; returns the summary (also written to <run dir>/summary.json).
 
@@ -58,12 +109,13 @@ def simulate(config: RunConfig, *, verbose: bool = False, client_mods: list | No
     devices = open_population(config).num_devices
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     cpus = os.cpu_count() or 1
-    backend = {"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-               "init_args": {"num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
-                             "logging_level": "INFO" if verbose else "ERROR", "log_to_driver": verbose}}
-    log.info("simulating %d devices on %d CPUs; run directory %s", devices, cpus, run_dir)
-    run_simulation(server_app=build_server_app(config), client_app=build_client_app(config, mods=client_mods),
-                   num_supernodes=devices, backend_config=backend, verbose_logging=verbose)
+    nodes = node_count(config, devices, cpus=cpus)
+    log.info("simulating %d devices on %d nodes (%s engine); run directory %s", devices, nodes,
+             config.simulation_engine, run_dir)
+    with prompt_dispatch(nodes):
+        run_simulation(server_app=build_server_app(config), client_app=build_client_app(config, mods=client_mods),
+                       num_supernodes=nodes, backend_config=backend_config(config, cpus, verbose=verbose),
+                       verbose_logging=verbose)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")

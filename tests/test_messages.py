@@ -17,20 +17,25 @@ def arrays_record(arrays):
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
-def train_request(t, node, **plan_changes):
+def cohort(*devices, clip=0.0):
+    return ConfigRecord({P.DEVICE_IDS: list(devices), P.DELTA_CLIP: clip})
+
+
+def train_request(t, node, devices=("sim-3",), clip=0.0, **plan_changes):
     content = RecordDict({P.TABLES: arrays_record(P.tables_to_arrays(t)),
-                          P.PLAN: ConfigRecord(plan(**plan_changes).to_config())})
+                          P.PLAN: ConfigRecord(plan(**plan_changes).to_config()), P.COHORT: cohort(*devices, clip=clip)})
     return message(content, dst=node, message_type="train")
 
 
-def context(partition: int, config) -> Context:
-    return Context(run_id=1, node_id=100 + partition, node_config={"partition-id": partition, "num-partitions": 12},
+def context(partition: int, config, partitions: int = 12) -> Context:
+    return Context(run_id=1, node_id=100 + partition, node_config={"partition-id": partition,
+                                                                    "num-partitions": partitions},
                    state=RecordDict(), run_config={})
 
 
 def all_floats(reply: Message) -> np.ndarray:
     values = [a.numpy().ravel() for rec in reply.content.array_records.values() for a in rec.values()]
-    values += [np.asarray([v], float) for rec in reply.content.metric_records.values() for v in rec.values()]
+    values += [np.asarray(v, float).ravel() for rec in reply.content.metric_records.values() for v in rec.values()]
     return np.concatenate(values) if values else np.zeros(0)
 
 
@@ -42,8 +47,8 @@ def test_train_reply_carries_only_the_item_delta_and_epsilon(small_config):
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         assert set(reply.content.keys()) == {P.DELTA, P.REPORT, P.DEVICE}
         assert set(reply.content[P.DELTA].keys()) == {P.EMBEDDING_DELTA, P.BIAS_DELTA}
-        assert set(reply.content[P.REPORT].keys()) == {"declined", "epsilon"}
-        assert dict(reply.content[P.DEVICE]) == {P.DEVICE_ID: "sim-3"}
+        assert set(reply.content[P.REPORT].keys()) == {"declined", "epsilon", "clipped"}
+        assert dict(reply.content[P.DEVICE]) == {P.DEVICE_IDS: ["sim-3"]}
         user_row = FileStateStore(f"{small_config.state_dir}/sim-3.json").load().user_row
         floats = all_floats(reply)
         # no coordinate of the private user row appears anywhere in what the device sent
@@ -56,10 +61,31 @@ def test_evaluate_reply_carries_only_metrics(small_config):
     t = tables(num_items=small_config.synthetic_items, dim=small_config.embedding_dim)
     content = RecordDict({P.TABLES: arrays_record(P.tables_to_arrays(t)),
                           P.EVAL: ConfigRecord({"server-round": 1, "target": "test", "refit-l2": 1.0,
-                                                "sampled-seed": 0})})
+                                                "sampled-seed": 0}), P.COHORT: cohort("sim-5")})
     reply = client(message(content, dst=105, message_type="evaluate"), context(5, small_config))
     assert set(reply.content.keys()) == {P.METRICS, P.DEVICE}
     assert not reply.content.array_records
+    assert all(len(v) == 1 for v in reply.content[P.METRICS].values())
+
+
+def test_a_shard_node_trains_its_devices_and_sends_one_clipped_sum(small_config):
+    """Cohort engine: node 1 of 3 hosts sim-1, sim-4, sim-7, sim-10; it answers for the two it is asked about."""
+    from shared.aggregation import delta_norm
+
+    client = build_client_app(small_config)
+    t = tables(num_items=small_config.synthetic_items, dim=small_config.embedding_dim)
+    hello = client(message(RecordDict(), dst=101, message_type="query"), context(1, small_config, partitions=3))
+    assert hello.content[P.DEVICE][P.DEVICE_IDS] == ["sim-1", "sim-4", "sim-7", "sim-10"]
+    reply = client(train_request(t, 101, devices=("sim-10", "sim-4"), clip=0.05, num_negatives=4),
+                   context(1, small_config, partitions=3))
+    assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
+    assert reply.content[P.DEVICE][P.DEVICE_IDS] == ["sim-10", "sim-4"]
+    report = reply.content[P.REPORT]
+    assert report["declined"] == [0, 0] and len(report["epsilon"]) == 2 and report["clipped"] == 2
+    summed = tuple(reply.content[P.DELTA][k].numpy() for k in (P.EMBEDDING_DELTA, P.BIAS_DELTA))
+    assert delta_norm(summed) <= 2 * 0.05 * (1 + 1e-5)
+    stranger = client(train_request(t, 101, devices=("sim-2",)), context(1, small_config, partitions=3))
+    assert stranger.has_error() and "does not host" in stranger.error.reason
 
 
 def test_device_refuses_a_malformed_plan_with_a_clear_error(small_config):
@@ -70,10 +96,12 @@ def test_device_refuses_a_malformed_plan_with_a_clear_error(small_config):
     assert reply.has_error() and "missing key 'noise-multiplier'" in reply.error.reason
 
 
-def good_reply(request, t, *, device="dev-1", declined=False, eps=1.0, emb=None, bias=None):
-    content = RecordDict({P.REPORT: MetricRecord({"declined": int(declined), "epsilon": eps}),
-                          P.DEVICE: ConfigRecord({P.DEVICE_ID: device})})
-    if not declined:
+def good_reply(request, t, *, devices=("dev-1",), declined=None, eps=None, emb=None, bias=None, clipped=0):
+    declined = declined or [0] * len(devices)
+    eps = eps or [1.0] * len(devices)
+    content = RecordDict({P.REPORT: MetricRecord({"declined": declined, "epsilon": eps, "clipped": clipped}),
+                          P.DEVICE: ConfigRecord({P.DEVICE_IDS: list(devices)})})
+    if not all(declined):
         emb = np.zeros_like(t.embedding) if emb is None else emb
         bias = np.zeros_like(t.bias) if bias is None else bias
         content[P.DELTA] = arrays_record({P.EMBEDDING_DELTA: emb, P.BIAS_DELTA: bias})
@@ -85,9 +113,11 @@ BAD_REPLIES = {
     "NaN": dict(emb=np.full((20, 4), np.nan, np.float32)),
     "Inf": dict(bias=np.full(20, np.inf, np.float32)),
     "float64": dict(bias=np.zeros(20, np.float64)),
-    "over budget": dict(eps=9.0),
-    "negative epsilon": dict(eps=-1.0),
-    "claims another identity": dict(device="dev-1"),  # node 12 belongs to dev-2
+    "norm far above the clip": dict(emb=np.full((20, 4), 1.0, np.float32)),
+    "over budget": dict(eps=[9.0]),
+    "negative epsilon": dict(eps=[-1.0]),
+    "one epsilon for two devices": dict(devices=("dev-2", "dev-3"), eps=[1.0]),
+    "claims another identity": dict(devices=("dev-1",)),  # node 12 was asked about dev-2
 }
 
 
@@ -95,27 +125,42 @@ BAD_REPLIES = {
 def test_bad_train_replies_are_rejected_and_the_rest_kept(case):
     t = tables()
     ok_request, bad_request = (message(RecordDict(), dst=node, message_type="train") for node in (11, 12))
-    replies = [good_reply(ok_request, t, device="dev-1"), good_reply(bad_request, t, **{"device": "dev-2",
-                                                                                       **BAD_REPLIES[case]})]
-    sorted_replies = sort_train_replies(replies, {11: "dev-1", 12: "dev-2"}, t, dp=True, epsilon_budget=8.0)
-    assert list(sorted_replies.updates) == ["dev-1"]
-    assert list(sorted_replies.rejected) == ["dev-2"]
+    bad = {"devices": ("dev-2",), **BAD_REPLIES[case]}
+    replies = [good_reply(ok_request, t, devices=("dev-1",)), good_reply(bad_request, t, **bad)]
+    asked = {11: ["dev-1"], 12: list(bad["devices"]) if case == "one epsilon for two devices" else ["dev-2"]}
+    sorted_replies = sort_train_replies(replies, asked, t, dp=True, epsilon_budget=8.0, delta_clip=1.0)
+    assert sorted_replies.trained == ["dev-1"] and list(sorted_replies.parts) == [11]
+    assert sorted(sorted_replies.rejected) == asked[12]
 
 
 def test_declined_missing_and_unasked_replies():
     t = tables()
     requests = {node: message(RecordDict(), dst=node, message_type="train") for node in (11, 12, 13, 99)}
-    replies = [good_reply(requests[11], t, device="dev-1", declined=True, eps=7.5),
-               good_reply(requests[99], t, device="intruder")]
-    out = sort_train_replies(replies, {11: "dev-1", 12: "dev-2"}, t, dp=True, epsilon_budget=8.0)
+    replies = [good_reply(requests[11], t, devices=("dev-1",), declined=[1], eps=[7.5]),
+               good_reply(requests[99], t, devices=("intruder",))]
+    out = sort_train_replies(replies, {11: ["dev-1"], 12: ["dev-2"]}, t, dp=True, epsilon_budget=8.0, delta_clip=0.0)
     assert out.declined == ["dev-1"] and out.epsilon == {"dev-1": 7.5}
     assert out.failed == {"dev-2": "no reply before the round timeout"}
-    assert not out.updates and not out.rejected
+    assert not out.parts and not out.rejected
+
+
+def test_a_shard_reply_counts_its_trained_devices_and_orders_sums_by_device():
+    t = tables()
+    requests = {node: message(RecordDict(), dst=node, message_type="train") for node in (11, 12)}
+    ones = np.full_like(t.embedding, 0.01)
+    replies = [good_reply(requests[12], t, devices=("a", "c", "e"), declined=[0, 1, 0], eps=[1.0, 7.9, 1.0], emb=ones),
+               good_reply(requests[11], t, devices=("b",), emb=2 * ones)]
+    asked = {12: ["a", "c", "e"], 11: ["b"]}
+    out = sort_train_replies(replies, asked, t, dp=True, epsilon_budget=8.0, delta_clip=1.0)
+    assert out.trained == ["a", "b", "e"] and out.declined == ["c"]
+    parts = out.ordered_parts(asked)
+    assert [p.count for p in parts] == [2, 1]  # node 12 holds 'a', the first device
+    assert np.allclose(parts[0].embedding, 0.01) and np.allclose(parts[1].embedding, 0.02)
 
 
 def test_bad_evaluation_replies_are_rejected():
     request = message(RecordDict(), dst=11, message_type="evaluate")
-    bad = Message(RecordDict({P.METRICS: MetricRecord({"hr@10": 3.0, "ndcg@10": 0.1, "recall@20": 0.1}),
-                              P.DEVICE: ConfigRecord({P.DEVICE_ID: "dev-1"})}), reply_to=request)
-    out = sort_eval_replies([bad], {11: "dev-1"})
+    bad = Message(RecordDict({P.METRICS: MetricRecord({"hr@10": [3.0], "ndcg@10": [0.1], "recall@20": [0.1]}),
+                              P.DEVICE: ConfigRecord({P.DEVICE_IDS: ["dev-1"]})}), reply_to=request)
+    out = sort_eval_replies([bad], {11: ["dev-1"]})
     assert not out.metrics and "out of [0, 1]" in out.rejected["dev-1"]

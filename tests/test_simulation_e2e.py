@@ -95,7 +95,7 @@ def test_bad_replies_are_rejected_and_rounds_complete(tmp_path):
     from shared.config import RunConfig
 
     def corrupt(message, context, call_next):
-        """Devices 1 and 2 send a NaN / wrongly shaped update (a buggy or malicious device)."""
+        """Devices 1 and 2 (one per node: device engine) send a NaN / wrongly shaped update."""
         from flwr.app import Array
 
         reply = call_next(message, context)
@@ -109,7 +109,7 @@ def test_bad_replies_are_rejected_and_rounds_complete(tmp_path):
 
     config = RunConfig(devices=8, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=10,
                        embedding_dim=4, num_negatives=4, rounds=2, devices_per_round=8, eval_every=5,
-                       noise_multiplier=3.0, out_dir=str(tmp_path / "run"))
+                       noise_multiplier=3.0, simulation_engine="device", out_dir=str(tmp_path / "run"))
     summary = simulate(config, client_mods=[corrupt])
     ledger = read_jsonl(tmp_path / "run" / "ledger.jsonl")
     assert [e["kind"] for e in ledger] == ["popularity", "train", "train"]
@@ -121,13 +121,13 @@ def test_bad_replies_are_rejected_and_rounds_complete(tmp_path):
 
 
 def test_the_plain_loop_runs_the_same_federation(finished_run):
-    """Without Flower, the same server core and device code give the same model and epsilons, bit for bit."""
+    """Without Flower, the same server core, nodes and device code give the same model and epsilons."""
     from server.core import shrink_embeddings
     from server.records import RunRecords
     from simulation.plain import run_plain
 
     config, summary, run_dir, _ = finished_run
-    plain = run_plain(config.replace(out_dir="", state_dir=""), engine="device")
+    plain = run_plain(config.replace(out_dir="", state_dir=""))
     checkpoint = RunRecords(run_dir).load_checkpoint()
     flower_tables = shrink_embeddings(checkpoint.tables, checkpoint.noise_variance)
     np.testing.assert_allclose(plain.tables.embedding, flower_tables.embedding, rtol=0, atol=1e-6)

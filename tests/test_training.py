@@ -80,3 +80,46 @@ def test_cohort_equals_separate_devices_without_noise():
         np.testing.assert_allclose(cohort.bias_delta[k], alone.bias_delta[0], atol=1e-6)
         np.testing.assert_allclose(cohort.user_rows[k], alone.user_rows[0], atol=1e-6)
         assert cohort.histories[k] == alone.histories[0]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+def test_cohort_noise_has_the_per_device_scale(mode):
+    """With noise on, rows no example touched move by pure noise: std lr * sigma * C per coordinate,
+    in a cohort of 8 devices exactly as for one device alone (checked statistically)."""
+    t = tables(num_items=400, dim=8)
+    p = plan(steps=1, user_steps=0, lr=0.5, noise_multiplier=1.3, clip_norm=0.7, num_negatives=2,
+             train_biases=True, grad_sample_mode=mode)
+    devices = [data([k, k + 1, k + 2], seed=k) for k in range(8)]
+    expected = p.lr * p.noise_multiplier * p.clip_norm
+
+    def untouched_std(update, k_devices):
+        emb = update.embedding_delta.reshape(k_devices, 400, 8)
+        moved_by_noise = emb[:, 50:, :]  # positives are items < 10; negatives touch at most 6 of 400 rows each
+        return float(np.median(np.std(moved_by_noise, axis=(1, 2))))
+
+    cohort = train_cohort(p, t, np.zeros((8, 8), np.float32), devices, [[]] * 8, noise_seed=11)
+    alone = [train_cohort(p, t, np.zeros((1, 8), np.float32), [d], [[]], noise_seed=20 + k)
+             for k, d in enumerate(devices)]
+    assert untouched_std(cohort, 8) == pytest.approx(expected, rel=0.05)
+    assert np.median([untouched_std(a, 1) for a in alone]) == pytest.approx(expected, rel=0.05)
+    # noise is independent across the devices of a cohort
+    emb = cohort.embedding_delta.reshape(8, 400, 8)[:, 50:, :].reshape(8, -1)
+    assert np.abs(np.corrcoef(emb)[np.triu_indices(8, 1)]).max() < 0.1
+    assert cohort.histories == [alone[0].histories[0]] * 8
+
+
+def test_fast_embedding_norms_equal_opacus():
+    """The masked-Gram per-example norms (shared/privacy/embedding_norms.py) = Opacus's torch.unique ones."""
+    import torch
+    from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
+
+    from shared.privacy.embedding_norms import RowEmbedding, lookup_norms
+
+    layer = RowEmbedding(30, 5)
+    gen = torch.Generator().manual_seed(0)
+    for lookups in (1, 17, 80):  # one user row; a positive and negatives (repeats likely); the long fallback
+        ids = torch.randint(0, 8, (200, lookups), generator=gen)
+        grads = torch.randn(200, lookups, 5, generator=gen)
+        ours = lookup_norms(layer, [ids], grads)[layer.weight]
+        theirs = compute_embedding_norm_sample(layer, [ids], grads)[layer.weight]
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)

@@ -55,6 +55,13 @@ class PopulationSubset:
         return self.base.catalogue()
 
 
+def shard_members(num_devices: int, shard: int, shards: int) -> range:
+    """The devices a simulated node hosts: device k lives on node k mod shards (one each when shards = devices)."""
+    if not 0 <= shard < shards:
+        raise ConfigError(f"node partition-id {shard} is outside 0..{shards - 1} (num-partitions {shards})")
+    return range(shard, num_devices, shards)
+
+
 def synthetic_spec(config: RunConfig) -> SyntheticSpec:
     return SyntheticSpec(num_devices=config.devices, num_items=config.synthetic_items,
                          num_topics=config.synthetic_topics, mean_events=config.synthetic_mean_events,
