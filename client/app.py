@@ -69,8 +69,10 @@ class SimulatedNode:
             raise P.ProtocolError("request has no cohort record naming its devices")
         wanted = P.device_ids(cohort[P.COHORT], "cohort")
         strangers = [d for d in wanted if d not in self.keys]
-        if strangers or not wanted:
-            raise P.ProtocolError(f"cohort names devices {strangers or wanted} that this node does not host")
+        if not wanted:
+            raise P.ProtocolError("cohort names no devices")
+        if strangers:
+            raise P.ProtocolError(f"cohort names devices {strangers} that this node does not host")
         return [self._device(d) for d in wanted]
 
     def _device(self, device_id: str) -> Device:

@@ -21,7 +21,8 @@ log = logging.getLogger("fedrec")
 # Flags of `fedrec simulate` and the run-config keys they set.
 SIMULATE_FLAGS = {"dataset": "dataset", "data_path": "data-path", "rounds": "rounds", "devices": "devices",
                   "devices_per_round": "devices-per-round", "noise_multiplier": "noise-multiplier",
-                  "epsilon_budget": "epsilon-budget", "seed": "seed", "out": "out-dir"}
+                  "epsilon_budget": "epsilon-budget", "seed": "seed", "out": "out-dir",
+                  "engine": "simulation-engine", "shards": "simulation-shards", "ray_address": "ray-address"}
 
 
 def parse_run_config(values: Sequence[str]) -> dict[str, Any]:
@@ -217,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--epsilon-budget", type=float, help=help_of["epsilon-budget"])
     sim.add_argument("--seed", type=int, help=help_of["seed"])
     sim.add_argument("--out", help="run directory (default runs/<timestamp>)")
+    sim.add_argument("--engine", choices=("cohort", "device"), help=help_of["simulation-engine"])
+    sim.add_argument("--shards", type=int, help=help_of["simulation-shards"])
+    sim.add_argument("--ray-address", help=help_of["ray-address"])
     sim.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS",
                      help="more settings: a TOML file or 'key=value key=value' (keys as in pyproject.toml)")
     sim.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

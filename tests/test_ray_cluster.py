@@ -1,0 +1,109 @@
+"""`ray-address`: the simulation attaches to a Ray cluster someone else started (a head on loopback here)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.config import RunConfig
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def processes_mentioning(marker: str) -> list[int]:
+    """PIDs whose command line holds `marker` (the head's private temp dir names every one of its processes)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker.encode() in (entry / "cmdline").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def head_processes(marker: str) -> list[int]:
+    """The head's processes and all their descendants (workers rename themselves 'ray::...')."""
+    parent = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+    found, frontier = set(processes_mentioning(marker)), set(processes_mentioning(marker))
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return sorted(found)
+
+
+@pytest.fixture
+def ray_head(tmp_path):
+    """A Ray head on 127.0.0.1 with its own temp dir; afterwards every process of it is stopped by PID."""
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent)) or shutil.which("ray")
+    if ray is None:
+        pytest.fail("the 'ray' command (installed with flwr[simulation]) is missing")
+    temp_dir = Path("/tmp") / f"fedrec-ray-{os.getpid()}-{free_port()}"  # short: Ray's socket paths are limited
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        subprocess.run([ray, "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                        "--num-cpus", "2", "--num-gpus", "0", "--include-dashboard", "false",
+                        "--disable-usage-stats", "--temp-dir", str(temp_dir)],
+                       check=True, env=env, capture_output=True, text=True, timeout=180)
+        yield f"127.0.0.1:{port}"
+    finally:
+        started = head_processes(str(temp_dir))
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in started:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + 15
+            while any(Path(f"/proc/{pid}").exists() for pid in started) and time.monotonic() < deadline:
+                time.sleep(0.3)
+        left = [pid for pid in started if Path(f"/proc/{pid}").exists()] + processes_mentioning(str(temp_dir))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert not left, f"Ray head processes still running: {left}"
+
+
+def test_simulation_attaches_to_a_running_ray_cluster(ray_head, tmp_path):
+    from simulation.runner import simulate
+
+    config = RunConfig(devices=12, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=12,
+                       embedding_dim=4, num_negatives=4, rounds=2, devices_per_round=6, eval_every=2,
+                       eval_devices=6, baselines=False, ray_address=ray_head, out_dir=str(tmp_path / "run"))
+    before = set(processes_mentioning("raylet"))
+    private_raylets: set[int] = set()
+    done = threading.Event()
+
+    def watch() -> None:  # a raylet outside the head would mean the simulation started its own Ray
+        while not done.wait(0.2):
+            private_raylets.update(pid for pid in processes_mentioning("raylet") if pid not in before
+                                   and pid not in processes_mentioning("fedrec-ray-"))
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = simulate(config)
+    finally:
+        done.set()
+        watcher.join()
+    assert summary["devices"] == 12 and summary["federated_eval"]["devices"] == 12
+    assert not private_raylets, "the simulation started a Ray instance of its own"
