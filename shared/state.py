@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from .model import ItemTables
 from .privacy.accounting import HistoryEntry, normalize_history
 
 STATE_FORMAT = 1
@@ -118,3 +121,23 @@ class MemoryStateStore:
 
     def save(self, state: DeviceState) -> None:
         self._state = state
+
+
+def save_item_model(path: Path, tables: ItemTables, *, server_round: int) -> None:
+    """The latest global item model a device received (for ranking on the device), written atomically."""
+    buffer = io.BytesIO()
+    np.savez(buffer, embedding=tables.embedding, bias=tables.bias, server_round=np.int64(server_round))
+    atomic_write(Path(path), buffer.getvalue())
+
+
+def load_item_model(path: Path) -> tuple[ItemTables, int]:
+    """(item tables, the server round they came with); a missing or damaged file is a StateError."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            tables = ItemTables(embedding=data["embedding"], bias=data["bias"])
+            return tables, int(data["server_round"])
+    except FileNotFoundError:
+        raise StateError(f"{path}: no item model yet (the device receives one in its first round)") from None
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise StateError(f"{path}: unreadable item model ({err})") from None

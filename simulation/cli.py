@@ -200,6 +200,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return bench_command(args)
 
 
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from client.recommend import recommend
+
+    picks, server_round = recommend(Path(args.state_path), Path(args.catalogue), k=args.k,
+                                    data_path=Path(args.data_path) if args.data_path else None)
+    print(f"top {len(picks)} for this device (item model of round {server_round}; items it already has left out)")
+    for rank, pick in enumerate(picks, 1):
+        print(f"{rank:>3}. {pick.label}  [item {pick.item_id}, score {pick.score:.3f}]")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated recommender with differential privacy.")
     common = argparse.ArgumentParser(add_help=False)
@@ -269,6 +280,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the cells as JSON (the table goes to stderr)")
     bench.add_argument("--out", help="also write DIR/bench.json")
     bench.set_defaults(func=cmd_bench)
+
+    rec = sub.add_parser("recommend", parents=[common], help="on a device: its top-K items from the latest item "
+                                                             "model it received (titles where the catalogue has them)")
+    rec.add_argument("--state-path", required=True, help="the device's state folder (its node config state-path)")
+    rec.add_argument("--catalogue", required=True, help="the public catalogue.csv of the federation")
+    rec.add_argument("--data-path", help="the device's events file (default: the one its node was started with)")
+    rec.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+    rec.set_defaults(func=cmd_recommend)
 
     prep = sub.add_parser("prepare", parents=[common], help="turn a raw data set into per-device partitions and a catalogue")
     prep.add_argument("--dataset", required=True, help="movielens | taobao | retailrocket | counts | csv")

@@ -1,0 +1,154 @@
+"""Which devices a Flower node hosts: a shard of a simulated population, or one real device."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Protocol
+
+from flwr.app import ConfigRecord, Context, RecordDict
+
+from shared import protocol as P
+from shared.config import ConfigError, RunConfig
+from shared.data.catalogue import Catalogue
+from shared.data.population import open_population, shard_members
+from shared.data.prepare import read_device_file
+from shared.device import Device, DevicePolicy
+from shared.model import ItemTables
+from shared.state import DeviceState, FileStateStore, atomic_write, save_item_model
+
+STATE_RECORD = "fedrec-device-state"
+DEPLOYED_KEYS = ("data-path", "catalogue-path", "state-path")
+STATE_FILE, MODEL_FILE, NODE_FILE = "state.json", "item-model.npz", "node.json"
+
+
+class Node(Protocol):
+    num_items: int
+
+    def device_ids(self) -> list[str]: ...
+
+    def devices(self, content: RecordDict) -> list[Device]: ...
+
+    def received(self, tables: ItemTables, server_round: int) -> None: ...
+
+
+def open_node(context: Context, config: RunConfig) -> Node:
+    """A simulated node (Flower's simulation engine gives it a partition-id) or a deployed device."""
+    if "partition-id" in context.node_config:
+        return SimulatedNode(context, config)
+    if any(key in context.node_config for key in DEPLOYED_KEYS):
+        return DeployedNode(context, config)
+    raise ConfigError("node config: neither 'partition-id' (simulation) nor data-path/catalogue-path/state-path "
+                      "(a deployed device: flower-supernode --node-config 'data-path=\"...\" ...')")
+
+
+def _wanted(content: RecordDict, hosted: dict[str, int]) -> list[str]:
+    """The device ids a request names; each must live on this node."""
+    if P.COHORT not in content:
+        raise P.ProtocolError("request has no cohort record naming its devices")
+    wanted = P.device_ids(content[P.COHORT], "cohort")
+    strangers = [d for d in wanted if d not in hosted]
+    if not wanted:
+        raise P.ProtocolError("cohort names no devices")
+    if strangers:
+        raise P.ProtocolError(f"cohort names devices {strangers} that this node does not host")
+    return wanted
+
+
+class ContextStateStore:
+    """A device's state inside Flower's Context.state (lives as long as the simulation runs)."""
+
+    def __init__(self, context: Context, device_id: str) -> None:
+        self.context = context
+        self.key = f"{STATE_RECORD}.{device_id}"
+
+    def load(self) -> DeviceState | None:
+        record = self.context.state.get(self.key)
+        if record is None:
+            return None
+        return DeviceState.from_bytes(record["state"], source="Context.state")
+
+    def save(self, state: DeviceState) -> None:
+        self.context.state[self.key] = ConfigRecord({"state": state.to_bytes()})
+
+
+class SimulatedNode:
+    """The devices a simulated node hosts: one (device engine) or a shard of the population (cohort engine)."""
+
+    def __init__(self, context: Context, config: RunConfig) -> None:
+        if "partition-id" not in context.node_config:
+            raise ConfigError("node config: no 'partition-id'; simulated devices get it from Flower's simulation "
+                              "engine")
+        shard = int(context.node_config["partition-id"])
+        shards = int(context.node_config.get("num-partitions", shard + 1))
+        self.context, self.config = context, config
+        self.population = open_population(config)
+        self.num_items = self.population.num_items
+        self.keys = {f"sim-{k}": k for k in shard_members(self.population.num_devices, shard, shards)}
+
+    def device_ids(self) -> list[str]:
+        return sorted(self.keys, key=self.keys.__getitem__)
+
+    def devices(self, content: RecordDict) -> list[Device]:
+        return [self._device(d) for d in _wanted(content, self.keys)]
+
+    def received(self, tables: ItemTables, server_round: int) -> None:
+        """Simulated devices keep no copy of the model (the run directory has the checkpoint)."""
+
+    def _device(self, device_id: str) -> Device:
+        cfg = self.config
+        store = (FileStateStore(Path(cfg.state_dir) / f"{device_id}.json", durable=False) if cfg.state_dir
+                 else ContextStateStore(self.context, device_id))
+        policy = DevicePolicy(epsilon_budget=cfg.epsilon_budget, embedding_dim=cfg.embedding_dim,
+                              init_scale=cfg.init_scale, seed=cfg.seed)
+        key = self.keys[device_id]
+        return Device(device_id, key, self.population.device_events(key), store, policy)
+
+
+class DeployedNode:
+    """One real device (a SuperNode): its own events file, the public catalogue and a state folder.
+
+    Node config: data-path (its events, as `fedrec prepare` writes them per device), catalogue-path,
+    state-path (a folder: the device state and the latest item model it received, written
+    atomically and flushed to disk), device-id (optional; default: the data file's name).
+    Its randomness (sampling, negatives, DP noise) is seeded from the operating system's entropy
+    at start, so the server cannot predict the noise, unlike a simulation's seeded runs.
+    """
+
+    def __init__(self, context: Context, config: RunConfig) -> None:
+        node_config = context.node_config
+        missing = [key for key in DEPLOYED_KEYS if key not in node_config]
+        if missing:
+            raise ConfigError(f"node config: missing {missing}; a deployed device needs "
+                              f"{', '.join(DEPLOYED_KEYS)}")
+        data_path = Path(str(node_config["data-path"]))
+        self.state_dir = Path(str(node_config["state-path"]))
+        self.catalogue = Catalogue.read_csv(Path(str(node_config["catalogue-path"])))
+        self.num_items = self.catalogue.num_items
+        self.device_id = str(node_config.get("device-id", data_path.stem))
+        policy = DevicePolicy(epsilon_budget=config.epsilon_budget, embedding_dim=config.embedding_dim,
+                              init_scale=config.init_scale, seed=secrets.randbits(62))
+        events = read_device_file(data_path, num_items=self.num_items)
+        store = FileStateStore(self.state_dir / STATE_FILE)
+        self.device = Device(self.device_id, secrets.randbits(31), events, store, policy)
+        # Where this device's data lives, for `fedrec recommend` on the device.
+        described = json.dumps({"device-id": self.device_id, "data-path": str(data_path.resolve()),
+                                "catalogue-path": str(Path(str(node_config["catalogue-path"])).resolve())},
+                               indent=2).encode()
+        node_file = self.state_dir / NODE_FILE
+        if not node_file.exists() or node_file.read_bytes() != described:
+            atomic_write(node_file, described)
+
+    def device_ids(self) -> list[str]:
+        return [self.device_id]
+
+    def devices(self, content: RecordDict) -> list[Device]:
+        _wanted(content, {self.device_id: 0})
+        return [self.device]
+
+    def received(self, tables: ItemTables, server_round: int) -> None:
+        if tables.num_items != self.num_items:
+            raise P.ProtocolError(f"the item model has {tables.num_items} items, the catalogue "
+                                  f"{self.num_items}")
+        save_item_model(self.state_dir / MODEL_FILE, tables, server_round=server_round)
