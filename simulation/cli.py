@@ -211,6 +211,20 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy_local(args: argparse.Namespace) -> int:
+    from .deploy import deploy_local
+    from .runner import format_table
+
+    mapping = parse_run_config(args.run_config or [])
+    mapping.update({k: v for k, v in (("devices", args.devices), ("rounds", args.rounds),
+                                      ("devices-per-round", args.devices_per_round), ("dataset", args.dataset),
+                                      ("data-path", args.data_path)) if v is not None})
+    mapping.setdefault("devices-per-round", mapping.get("devices", RunConfig.devices))
+    summary = deploy_local(RunConfig.from_mapping(mapping, source="deploy-local"), Path(args.out))
+    print(format_table(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated recommender with differential privacy.")
     common = argparse.ArgumentParser(add_help=False)
@@ -280,6 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print the cells as JSON (the table goes to stderr)")
     bench.add_argument("--out", help="also write DIR/bench.json")
     bench.set_defaults(func=cmd_bench)
+
+    dep = sub.add_parser("deploy-local", parents=[common], help="a real deployment on loopback: SuperLink with TLS "
+                                                                "and SuperNode authentication, one SuperNode per device")
+    dep.add_argument("--devices", type=int, required=True, help="SuperNodes to start, one device each")
+    dep.add_argument("--rounds", type=int, help=help_of["rounds"])
+    dep.add_argument("--devices-per-round", type=int, help="devices sampled per round (default: all)")
+    dep.add_argument("--dataset", choices=("synthetic", "prepared"), help="synthetic (default) or a fedrec prepare "
+                                                                          "folder with devices/")
+    dep.add_argument("--data-path", help="the prepared folder (with --dataset prepared)")
+    dep.add_argument("--out", required=True, help="folder for data, credentials, device state, logs and the run")
+    dep.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS", help="more settings")
+    dep.set_defaults(func=cmd_deploy_local)
 
     rec = sub.add_parser("recommend", parents=[common], help="on a device: its top-K items from the latest item "
                                                              "model it received (titles where the catalogue has them)")

@@ -72,6 +72,22 @@ def prepare_log(raw: RawLog, out: Path, *, dataset: str, settings: PrepareSettin
     return stats
 
 
+def prepare_population(population: Any, out: Path, *, dataset: str) -> dict:
+    """A simulated population (e.g. synthetic) written as a prepared folder with per-device files."""
+    events = [population.device_events(k) for k in range(population.num_devices)]
+    users = np.concatenate([np.full(len(e.items), k, np.int64) for k, e in enumerate(events)])
+    interactions = Interactions.from_unsorted(users, np.concatenate([e.items for e in events]),
+                                              np.concatenate([e.times for e in events]),
+                                              np.concatenate([e.weights for e in events]),
+                                              num_devices=population.num_devices, num_items=population.num_items)
+    stats = {"devices": population.num_devices, "items": population.num_items, "events": len(interactions)}
+    write_prepared(Path(out), interactions, population.catalogue(), [str(k) for k in range(population.num_devices)],
+                   meta={"dataset": dataset, "source": dataset, "preprocessing": stats,
+                         "device_files": "devices/<device_index>.csv"})
+    write_device_files(Path(out) / "devices", interactions)
+    return stats
+
+
 def dedupe(users: np.ndarray, items: np.ndarray, times: np.ndarray,
            weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """One event per (user, item): the earliest time, the strongest weight."""
