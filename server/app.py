@@ -41,6 +41,8 @@ def run_server(grid: Grid, config: RunConfig) -> dict[str, Any]:
         summary.update(metrics={k: result.final_eval.get(k, float("nan")) for k in METRIC_KEYS}, baselines={})
     summary["privacy"] = privacy_summary(config, records, result.noise_multiplier)
     summary["federated_eval"] = result.final_eval
+    if result.stopped:
+        summary["stopped"] = result.stopped
     summary["seconds"] = {"federation": round(trained_s, 1), "total": round(time.monotonic() - started, 1)}
     summary["run_dir"] = str(records.path)
     records.write_summary(summary)

@@ -5,7 +5,8 @@ the sum sets the item biases.
 Round r >= 1:
   1. sample `devices-per-round` known devices, seeded by (seed, r);
   2. send each node hosting some of them the item tables, the round plan (lr, steps, q, sigma,
-     C, delta) and the names of its devices to train;
+     C, delta) and the names of its devices to train; requests expire after round-timeout, so a
+     device that comes back late does not train (and spend epsilon) for a round already closed;
   3. sort the replies: trained (validated sum of clipped deltas), declined (budget), rejected
      (bad reply), failed;
   4. append the round to the privacy ledger (before aggregating: devices spent epsilon either way);
@@ -54,6 +55,11 @@ class FederationResult:
     noise_multiplier: float
     final_eval: dict[str, float]
     devices: int
+    stopped: str = ""  # why the run ended before its last round ('' = it did not)
+
+
+class TooFewDevices(RuntimeError):
+    """Fewer devices online than `min-devices`, even after waiting `node-wait-timeout`."""
 
 
 def _cohort(devices: list[str], *, delta_clip: float = 0.0) -> ConfigRecord:
@@ -83,14 +89,36 @@ class Federation:
                  self.first_round, cfg.rounds, cfg.devices_per_round, cfg.dp, self.noise_multiplier)
         if self.first_round == 1 and popularity_plan(cfg) is not None:
             self._popularity_round()
+        last = cfg.rounds
+        stopped = ""
         for server_round in range(self.first_round, cfg.rounds + 1):
+            try:
+                self._enough_devices()
+            except TooFewDevices as err:
+                stopped, last = str(err), server_round - 1
+                log.error("stopping before round %d: %s (the last checkpoint is round %d; --resume continues)",
+                          server_round, err, last)
+                break
             self._train_round(server_round)
             if server_round % cfg.eval_every == 0 and server_round != cfg.rounds:
                 self._evaluate(server_round, cfg.eval_devices, final=False)
-        final = self._evaluate(cfg.rounds, cfg.final_eval_devices, final=True) if self.first_round <= cfg.rounds \
-            else {}
+        final = {}
+        if not stopped and self.first_round <= cfg.rounds:
+            final = self._evaluate(last, cfg.final_eval_devices, final=True)
         return FederationResult(tables=self.model.serving_tables(), noise_multiplier=self.noise_multiplier,
-                                final_eval=final, devices=len(self.registry.node_of))
+                                final_eval=final, devices=len(self.registry.node_of), stopped=stopped)
+
+    def _enough_devices(self) -> None:
+        """The policy for devices going offline: below `min-devices`, wait up to node-wait-timeout, then stop."""
+        self.registry.refresh()
+        if len(self.registry.node_of) >= self.config.min_devices:
+            return
+        log.warning("%d devices online, fewer than min-devices %d: waiting up to %.0fs", len(self.registry.node_of),
+                    self.config.min_devices, self.config.node_wait_timeout)
+        online = self.registry.wait_for(self.config.min_devices, timeout=self.config.node_wait_timeout)
+        if online < self.config.min_devices:
+            raise TooFewDevices(f"{online} devices online, fewer than min-devices {self.config.min_devices} after "
+                                f"waiting {self.config.node_wait_timeout:.0f}s")
 
     def _restore_or_start(self) -> None:
         checkpoint = self.records.load_checkpoint()
@@ -110,7 +138,8 @@ class Federation:
         started = time.monotonic()
         asked = self.registry.group(sorted(self.registry.node_of))
         messages = [Message(RecordDict({P.PRIOR: ConfigRecord(plan.to_config()), P.COHORT: _cohort(devices)}),
-                            dst_node_id=node, message_type=P.POPULARITY_MESSAGE) for node, devices in asked.items()]
+                            dst_node_id=node, message_type=P.POPULARITY_MESSAGE, ttl=cfg.round_timeout)
+                    for node, devices in asked.items()]
         replies = sort_popularity_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
                                           self.num_items, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
         self._record_round(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), asked, replies)
@@ -150,7 +179,8 @@ class Federation:
         asked = self.registry.group(chosen)
         messages = [Message(RecordDict({P.TABLES: tables, P.PLAN: ConfigRecord(plan.to_config()),
                                         P.COHORT: _cohort(devices, delta_clip=cfg.delta_clip_norm)}),
-                            dst_node_id=node, message_type="train") for node, devices in asked.items()]
+                            dst_node_id=node, message_type="train", ttl=cfg.round_timeout)
+                    for node, devices in asked.items()]
         replies = sort_train_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
                                      self.model.tables, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget,
                                      delta_clip=cfg.delta_clip_norm)
@@ -180,7 +210,8 @@ class Federation:
         tables = _tables_record(self.model.serving_tables())
         asked = self.registry.group(chosen)
         messages = [Message(RecordDict({P.TABLES: tables, P.EVAL: ConfigRecord(settings), P.COHORT: _cohort(devices)}),
-                            dst_node_id=node, message_type="evaluate") for node, devices in asked.items()]
+                            dst_node_id=node, message_type="evaluate", ttl=cfg.round_timeout)
+                    for node, devices in asked.items()]
         replies = sort_eval_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked)
         metrics = average_metrics(replies)
         self.records.append(METRICS, {"kind": "final_evaluate" if final else "evaluate", "round": server_round,

@@ -67,6 +67,9 @@ class RunConfig:
     devices_per_round: int = _opt(100, "devices sampled for training in each round", min=1)
     round_timeout: float = _opt(600.0, "seconds to wait for the replies of one round", min_exclusive=0.0)
     node_wait_timeout: float = _opt(120.0, "seconds to wait for enough devices to come online", min_exclusive=0.0)
+    min_devices: int = _opt(1, "before each round, fewer devices online than this: wait node-wait-timeout, then stop "
+                               "the run cleanly (its checkpoint stays; --resume continues). A device that does not "
+                               "answer within round-timeout is recorded as failed and the round goes on", min=1)
 
     # --- local training ---------------------------------------------------------------
     local_steps: int = _opt(1, "DP-SGD steps on the item tables a device takes per round", min=1)

@@ -130,6 +130,26 @@ class LocalDeployment:
                                   "--superlink", f"127.0.0.1:{self.port}", "--auth-supernode-private-key",
                                   str(private_key), "--port", str(free_port()), "--node-config", config])
 
+    def restart_supernode(self, name: str, private_key: Path, node_config: dict[str, Any], *,
+                          patience: float = 180.0) -> subprocess.Popen:
+        """Start a SuperNode again under the same key, retrying while the SuperLink still holds its old session.
+
+        A SuperNode that died without shutting down stays 'online' at the SuperLink until its heartbeat
+        expires (about a minute in Flower 1.42); until then the SuperLink refuses to activate it again.
+        """
+        deadline = time.monotonic() + patience
+        while True:
+            process = self.start_supernode(name, private_key, node_config)
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                return process  # connected and running
+            self.processes.pop(name, None)
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{name} could not rejoin within {patience:.0f}s; see {self.logs / name}.log")
+            log.info("%s refused (its old session is still open at the SuperLink); retrying", name)
+            time.sleep(5)
+
     def run(self, run_config: dict[str, Any], *, timeout: float) -> subprocess.CompletedProcess:
         """`flwr run` of this project against the SuperLink; returns when the run has finished."""
         if not (ROOT / "pyproject.toml").exists():
@@ -164,32 +184,49 @@ def prepare_devices(config: RunConfig, folder: Path) -> Path:
     return folder.resolve()
 
 
+def device_files(config: RunConfig, out: Path) -> tuple[Path, list[Path]]:
+    """The prepared folder and the devices' own files (the first `devices` of them, 0 = all)."""
+    data = prepare_devices(config, out / "data")
+    files = sorted((data / "devices").glob("*.csv"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
+    return data, files[:config.devices] if config.devices else files
+
+
+def server_run_config(config: RunConfig, data: Path, devices: int, run_dir: Path) -> dict[str, Any]:
+    """The settings `flwr run` passes: those that differ from the defaults, and the deployment's own."""
+    defaults = RunConfig().to_mapping()
+    run_config = {k: v for k, v in config.to_mapping().items() if v != defaults[k] and k not in ("state-dir", "resume")}
+    run_config.update({"dataset": "prepared", "data-path": str(data), "devices": devices, "out-dir": str(run_dir),
+                       "baselines": False})
+    return run_config
+
+
+def start_devices(deployment: LocalDeployment, data: Path, files: list[Path]) -> dict[str, tuple[Path, dict]]:
+    """Register a key per device and start its SuperNode; returns name -> (private key, node config)."""
+    nodes = {}
+    for path in files:
+        private, public = deployment.node_keys(f"device-{path.stem}")
+        deployment.register(public)
+        state = deployment.out / "devices" / path.stem
+        state.mkdir(parents=True, exist_ok=True)
+        node_config = {"data-path": str(path), "catalogue-path": str(data / "catalogue.csv"), "state-path": str(state)}
+        deployment.start_supernode(f"supernode-{path.stem}", private, node_config)
+        nodes[f"supernode-{path.stem}"] = (private, node_config)
+    return nodes
+
+
 def deploy_local(config: RunConfig, out: Path, *, timeout: float = 1800.0) -> dict[str, Any]:
     """Run `config` as a real federation on loopback: one SuperNode per device. Returns the run's summary."""
     out = Path(out).resolve()
-    data = prepare_devices(config, out / "data")
-    devices = sorted((data / "devices").glob("*.csv"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
-    if config.devices:
-        devices = devices[:config.devices]
+    data, files = device_files(config, out)
     run_dir = out / "run"
-    defaults = RunConfig().to_mapping()
-    run_config = {k: v for k, v in config.to_mapping().items() if v != defaults[k] and k not in ("state-dir", "resume")}
-    run_config.update({"dataset": "prepared", "data-path": str(data), "devices": len(devices),
-                       "out-dir": str(run_dir), "baselines": False})
     with LocalDeployment(out) as deployment:
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             deployment.start_superlink()
-            for path in devices:
-                private, public = deployment.node_keys(f"device-{path.stem}")
-                deployment.register(public)
-                state = out / "devices" / path.stem
-                state.mkdir(parents=True, exist_ok=True)
-                deployment.start_supernode(f"supernode-{path.stem}", private, {
-                    "data-path": str(path), "catalogue-path": str(data / "catalogue.csv"), "state-path": str(state)})
-            log.info("%d SuperNodes started; running the app (progress in %s)", len(devices),
+            start_devices(deployment, data, files)
+            log.info("%d SuperNodes started; running the app (progress in %s)", len(files),
                      deployment.logs / "flwr-run.log")
-            deployment.run(run_config, timeout=timeout)
+            deployment.run(server_run_config(config, data, len(files), run_dir), timeout=timeout)
         finally:
             signal.signal(signal.SIGTERM, previous)
     summary_path = run_dir / "summary.json"
