@@ -81,6 +81,29 @@ def noise_multiplier_for(config: RunConfig, population: int) -> float:
                                       fixed_history=prior.privacy_steps() if prior else ())
 
 
+AUTO_BOUND_EXAMPLES = 256  # clipped examples per step an honest update may carry under 'auto' (beyond: scaled down)
+AUTO_BOUND_SIGMAS = 6.0  # how far above its expected norm the DP noise of an honest update may reach
+
+
+def update_bound(config: RunConfig, plan: LocalTrainingPlan, num_items: int, dim: int) -> float:
+    """The L2 bound on one device's item update this round (0 = none).
+
+    'auto' (with DP): an honest update is lr x (sum over steps of clipped example gradients + Gaussian
+    noise). Its noise has norm about lr sigma C sqrt(steps x coordinates), with a spread of about
+    lr sigma C sqrt(steps / 2); its signal at most lr C steps x the examples sampled. The bound allows
+    the noise 6 spreads above its expected norm and `AUTO_BOUND_EXAMPLES` examples per step, so honest
+    updates pass unchanged and a poisoned one far above it is rejected (or, from a shard, clipped).
+    Without DP nothing bounds an example's gradient, so 'auto' is off.
+    """
+    if config.delta_clip_norm != AUTO:
+        return float(config.delta_clip_norm)
+    if not plan.dp:
+        return 0.0
+    coordinates = num_items * (dim + (1 if plan.train_biases else 0))
+    noise = plan.noise_multiplier * (np.sqrt(plan.steps * coordinates) + AUTO_BOUND_SIGMAS * np.sqrt(plan.steps / 2))
+    return float(plan.lr * plan.clip_norm * (noise + plan.steps * AUTO_BOUND_EXAMPLES))
+
+
 def round_plan(config: RunConfig, server_round: int, noise_multiplier: float) -> LocalTrainingPlan:
     return LocalTrainingPlan(server_round=server_round, lr=config.local_lr, user_lr=config.user_lr,
                              user_step_cap=config.user_step_cap, user_scale=config.user_scale,
@@ -127,7 +150,7 @@ class ItemModelServer:
         central_std = 0.0
         if self.config.central_noise_multiplier > 0:
             # User-level DP: N(0, (z S)^2) on the sum of clipped updates, i.e. (z S / n) on their mean.
-            central_std = self.config.central_noise_multiplier * self.config.delta_clip_norm / total.count
+            central_std = self.config.central_noise_multiplier * float(self.config.delta_clip_norm) / total.count
             rng = np.random.default_rng([self.config.seed, plan.server_round, 0xCE27])
             mean = ((mean[0] + rng.normal(0.0, central_std, mean[0].shape)).astype(np.float32),
                     (mean[1] + rng.normal(0.0, central_std, mean[1].shape)).astype(np.float32))

@@ -40,6 +40,7 @@ from .core import (
     popularity_plan,
     round_plan,
     sample_devices,
+    update_bound,
 )
 from .records import LEDGER, METRICS, Checkpoint, RunRecords
 from .registry import DeviceRegistry
@@ -176,14 +177,15 @@ class Federation:
                                 salt=TRAIN_SALT, poisson=cfg.device_sampling == "poisson")
         plan = round_plan(cfg, server_round, self.noise_multiplier)
         tables = _tables_record(self.model.tables)
+        bound = update_bound(cfg, plan, self.num_items, self.model.tables.dim)
         asked = self.registry.group(chosen)
         messages = [Message(RecordDict({P.TABLES: tables, P.PLAN: ConfigRecord(plan.to_config()),
-                                        P.COHORT: _cohort(devices, delta_clip=cfg.delta_clip_norm)}),
+                                        P.COHORT: _cohort(devices, delta_clip=bound)}),
                             dst_node_id=node, message_type="train", ttl=cfg.round_timeout)
                     for node, devices in asked.items()]
         replies = sort_train_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
                                      self.model.tables, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget,
-                                     delta_clip=cfg.delta_clip_norm)
+                                     delta_clip=bound)
         central = central_record(cfg, population=len(self.registry.node_of), contributors=len(replies.trained))
         self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies, central)
         total = PartialSum.zeros(self.num_items, self.model.tables.dim)

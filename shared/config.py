@@ -110,8 +110,11 @@ class RunConfig:
                                  choices=("fedavg", "fedadam"))
     server_lr: float | str = _opt(AUTO, "server learning rate on the mean item delta, or 'auto': 0.1 with DP (the "
                                         "noise grows with it), 3.0 without", auto_ok=True, min_exclusive=0.0)
-    delta_clip_norm: float = _opt(0.0, "clip each device's whole update (item embeddings and biases) to this L2 norm "
-                                       "before averaging, bounding any one device's influence (0 = off)", min=0.0)
+    delta_clip_norm: float | str = _opt(AUTO, "clip each device's whole update (item embeddings and biases) to this L2 "
+                                              "norm before it is summed, bounding any one device's influence; 'auto': "
+                                              "the envelope of an honest update under the round's plan (its DP noise "
+                                              "plus a few hundred clipped examples per step); 0 = off",
+                                        auto_ok=True, min=0.0)
     central_noise_multiplier: float = _opt(0.0, "user-level DP (DP-FedAvg): Gaussian noise with std this x "
                                                 "delta-clip-norm on the sum of clipped updates (0 = off)", min=0.0)
     device_sampling: str = _opt("fixed", "how a round's devices are drawn: fixed (exactly devices-per-round, "
@@ -146,8 +149,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_rules(f, getattr(self, f.name))
-        if self.central_noise_multiplier > 0 and self.delta_clip_norm <= 0:
-            raise ConfigError("central-noise-multiplier: user-level DP needs delta-clip-norm > 0 (the sensitivity)")
+        if self.central_noise_multiplier > 0 and (self.delta_clip_norm == AUTO or float(self.delta_clip_norm) <= 0):
+            raise ConfigError("central-noise-multiplier: user-level DP needs a fixed delta-clip-norm > 0 (the "
+                              "sensitivity)")
         if self.dataset != "synthetic" and not self.data_path:
             raise ConfigError(f"data-path: dataset '{self.dataset}' needs a data-path (a file or folder)")
 

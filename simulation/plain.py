@@ -26,6 +26,7 @@ from server.core import (
     popularity_plan,
     round_plan,
     sample_devices,
+    update_bound,
 )
 from shared import protocol as P
 from shared.aggregation import PartialSum
@@ -96,17 +97,18 @@ def run_plain(config: RunConfig, *, engine: str | None = None, population: Popul
                                 salt=TRAIN_SALT, poisson=config.device_sampling == "poisson")
         plan = round_plan(config, server_round, result.noise_multiplier)
         total = PartialSum.zeros(population.num_items, config.embedding_dim)
+        bound = update_bound(config, plan, population.num_items, config.embedding_dim)
         seen: dict = {}
         for group in _by_node(chosen, devices, nodes):
             node_sum = PartialSum.zeros(population.num_items, config.embedding_dim)
             if observe is None:  # as a node does: each update clipped into the node's sum as its cohort finishes
                 _collect(group, train_devices([devices[d] for d in group], plan, server.tables, into=node_sum,
-                                              delta_clip=config.delta_clip_norm), result)
+                                              delta_clip=bound), result)
             else:
                 updates = _collect(group, train_devices([devices[d] for d in group], plan, server.tables), result)
                 for device in group:
                     if device in updates:
-                        node_sum.add(updates[device], clip=config.delta_clip_norm)
+                        node_sum.add(updates[device], clip=bound)
                 seen.update(updates)
             total.merge(as_sent(node_sum))
         if observe is not None:

@@ -164,3 +164,26 @@ def test_bad_evaluation_replies_are_rejected():
                               P.DEVICE: ConfigRecord({P.DEVICE_IDS: ["dev-1"]})}), reply_to=request)
     out = sort_eval_replies([bad], {11: ["dev-1"]})
     assert not out.metrics and "out of [0, 1]" in out.rejected["dev-1"]
+
+
+def test_the_default_influence_bound_passes_honest_updates_and_rejects_far_larger_ones():
+    """delta-clip-norm 'auto': real DP updates fit under the bound; one 10x above it is rejected."""
+    from server.core import update_bound
+    from shared.aggregation import delta_norm
+    from shared.config import RunConfig
+    from shared.training import DeviceTrainingData, train_cohort
+
+    t = tables(num_items=200, dim=8)
+    p = plan(noise_multiplier=2.0, lr=0.5, steps=1, train_biases=False)
+    bound = update_bound(RunConfig(), p, 200, 8)
+    assert bound > 0 and update_bound(RunConfig(dp=False), plan(dp=False, noise_multiplier=0.0), 200, 8) == 0.0
+    items = np.arange(60) % 200
+    data = [DeviceTrainingData(items=items, weights=np.ones(60, np.float32), seed=(3, k)) for k in range(5)]
+    update = train_cohort(p, t, np.zeros((5, 8), np.float32), data, [[]] * 5, noise_seed=1)
+    norms = [delta_norm((update.embedding_delta[k], update.bias_delta[k])) for k in range(5)]
+    assert max(norms) < bound
+    request = message(RecordDict(), dst=11, message_type="train")
+    poisoned = np.full_like(t.embedding, 10 * bound / np.sqrt(t.embedding.size))
+    out = sort_train_replies([good_reply(request, t, devices=("dev-1",), emb=poisoned)], {11: ["dev-1"]}, t, dp=True,
+                             epsilon_budget=8.0, delta_clip=bound)
+    assert "exceeds the bound" in out.rejected["dev-1"]
