@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from shared.aggregation import Delta
 from shared.model import ItemTables
 
 class ServerOptimizer:
