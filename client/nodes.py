@@ -77,9 +77,6 @@ class SimulatedNode:
     """The devices a simulated node hosts: one (device engine) or a shard of the population (cohort engine)."""
 
     def __init__(self, context: Context, config: RunConfig) -> None:
-        if "partition-id" not in context.node_config:
-            raise ConfigError("node config: no 'partition-id'; simulated devices get it from Flower's simulation "
-                              "engine")
         shard = int(context.node_config["partition-id"])
         shards = int(context.node_config.get("num-partitions", shard + 1))
         self.context, self.config = context, config
@@ -123,8 +120,9 @@ class DeployedNode:
             raise ConfigError(f"node config: missing {missing}; a deployed device needs "
                               f"{', '.join(DEPLOYED_KEYS)}")
         data_path = Path(str(node_config["data-path"]))
+        catalogue_path = Path(str(node_config["catalogue-path"]))
         self.state_dir = Path(str(node_config["state-path"]))
-        self.catalogue = Catalogue.read_csv(Path(str(node_config["catalogue-path"])))
+        self.catalogue = Catalogue.read_csv(catalogue_path)
         self.num_items = self.catalogue.num_items
         self.device_id = str(node_config.get("device-id", data_path.stem))
         policy = DevicePolicy(epsilon_budget=config.epsilon_budget, embedding_dim=config.embedding_dim,
@@ -134,7 +132,7 @@ class DeployedNode:
         self.device = Device(self.device_id, secrets.randbits(31), events, store, policy)
         # Where this device's data lives, for `fedrec recommend` on the device.
         described = json.dumps({"device-id": self.device_id, "data-path": str(data_path.resolve()),
-                                "catalogue-path": str(Path(str(node_config["catalogue-path"])).resolve())},
+                                "catalogue-path": str(catalogue_path.resolve())},
                                indent=2).encode()
         node_file = self.state_dir / NODE_FILE
         if not node_file.exists() or node_file.read_bytes() != described:

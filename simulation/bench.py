@@ -20,6 +20,8 @@ from typing import Any
 
 from shared.config import ConfigError, RunConfig
 
+from .procs import command_line, parents, rss_bytes, with_descendants
+
 log = logging.getLogger("fedrec.bench")
 
 FLOAT32 = 4  # bytes; tables and deltas travel as float32 (shared/protocol.py)
@@ -78,7 +80,7 @@ class PeakRss:
         self._thread = threading.Thread(target=self._loop, name="peak-rss", daemon=True)
 
     def __enter__(self) -> PeakRss:
-        self._before = set(_parents())
+        self._before = set(parents())
         self._thread.start()
         return self
 
@@ -97,49 +99,14 @@ class PeakRss:
                 return
 
     def sample(self) -> int:
-        parents = _parents()
-        children: dict[int, list[int]] = {}
-        for pid, ppid in parents.items():
-            children.setdefault(ppid, []).append(pid)
-        ours, stack = set(), [os.getpid()]
-        while stack:
-            pid = stack.pop()
-            if pid not in ours:
-                ours.add(pid)
-                stack.extend(children.get(pid, ()))
-        ours |= {pid for pid, ppid in parents.items() if ppid == 1 and pid not in self._before and _is_ray(pid)}
-        return sum(_rss_bytes(pid) for pid in ours)
-
-
-def _parents() -> dict[int, int]:
-    """pid -> parent pid of every process, from /proc/<pid>/stat."""
-    out = {}
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                stat = Path(entry.path, "stat").read_text()
-            except OSError:
-                continue  # ended meanwhile
-            out[int(entry.name)] = int(stat.rsplit(")", 1)[1].split()[1])  # the name in (...) may hold spaces
-    return out
-
-
-def _rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0  # ended meanwhile, or a kernel thread
+        parent_of = parents()
+        ours = with_descendants([os.getpid()], parent_of)
+        ours |= {pid for pid, ppid in parent_of.items() if ppid == 1 and pid not in self._before and _is_ray(pid)}
+        return sum(rss_bytes(pid) for pid in ours)
 
 
 def _is_ray(pid: int) -> bool:
-    try:
-        args = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return False
-    return any(tag in args for tag in RAY_TAGS)
+    return any(tag in command_line(pid) for tag in RAY_TAGS)
 
 
 def cell_config(cell: Cell, *, rounds: int, engine: str, out_dir: str) -> RunConfig:

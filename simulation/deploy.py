@@ -19,17 +19,12 @@ from shared.data.population import open_population
 from shared.data.prepare import prepare_population
 
 from .credentials import TlsFiles, write_node_keys, write_tls
+from .procs import free_port
 
 log = logging.getLogger("fedrec.deploy")
 ROOT = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml) that `flwr run` ships
 CONNECTION = "fedrec-local"
 START_TIMEOUT_S = 60.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _toml_value(value: Any) -> str:

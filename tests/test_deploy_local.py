@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 
 import pytest
@@ -11,15 +10,11 @@ import pytest
 from shared.config import RunConfig
 from simulation.cli import main
 from simulation.deploy import LocalDeployment, deploy_local
+from simulation.procs import processes_mentioning
 
 pytestmark = pytest.mark.e2e
 TINY = dict(synthetic_items=60, synthetic_topics=4, synthetic_mean_events=12, embedding_dim=4, num_negatives=4,
             eval_every=2)
-
-
-def processes_mentioning(text: str) -> list[int]:
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True).stdout
-    return [int(line.split(None, 1)[0]) for line in out.splitlines() if text in line and "pytest" not in line]
 
 
 def test_deploy_local_runs_a_federation_of_supernodes_and_stops_them(tmp_path, capsys):

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from simulation import procs
+
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_ONLY = '[superlink]\ndefault = "local-simulation"\n\n[superlink.local-simulation]\naddress = ":local:"\n'
@@ -19,14 +21,7 @@ LOCAL_ONLY = '[superlink]\ndefault = "local-simulation"\n\n[superlink.local-simu
 
 def processes_mentioning(text: str) -> list[int]:
     """PIDs whose command line mentions `text`, with all their descendants (the SuperLink's executor)."""
-    rows = [line.split(None, 2) for line in
-            subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()]
-    found = {int(pid) for pid, _, args in (r for r in rows if len(r) == 3) if text in args} - {os.getpid()}
-    while True:
-        children = {int(r[0]) for r in rows if len(r) >= 2 and int(r[1]) in found} - found
-        if not children:
-            return sorted(found)
-        found |= children
+    return procs.processes_mentioning(text, descendants=True)
 
 
 def test_flwr_run_on_local_simulation(tmp_path):

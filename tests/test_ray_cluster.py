@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,41 +14,7 @@ from pathlib import Path
 import pytest
 
 from shared.config import RunConfig
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def processes_mentioning(marker: str) -> list[int]:
-    """PIDs whose command line holds `marker` (the head's private temp dir names every one of its processes)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
-def head_processes(marker: str) -> list[int]:
-    """The head's processes and all their descendants (workers rename themselves 'ray::...')."""
-    parent = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parent[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-    found, frontier = set(processes_mentioning(marker)), set(processes_mentioning(marker))
-    while frontier:
-        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
-        found |= frontier
-    return sorted(found)
+from simulation.procs import free_port, processes_mentioning
 
 
 @pytest.fixture
@@ -68,7 +33,7 @@ def ray_head(tmp_path):
                        check=True, env=env, capture_output=True, text=True, timeout=180)
         yield f"127.0.0.1:{port}"
     finally:
-        started = head_processes(str(temp_dir))
+        started = processes_mentioning(str(temp_dir), descendants=True)  # workers rename themselves 'ray::...'
         for sig in (signal.SIGTERM, signal.SIGKILL):
             for pid in started:
                 try:
