@@ -11,14 +11,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from shared import protocol as P
-from shared.aggregation import PartialSum
-from shared.config import ConfigError, RunConfig
-from shared.data.interactions import DataError
-from shared.device import Device, TrainOutcome, report_popularity_sum, train_devices
-from shared.popularity import PopularityPlan
-from shared.state import StateError
-from shared.training import LocalTrainingPlan, PlanError
+from fedrec.shared import protocol as P
+from fedrec.shared.aggregation import PartialSum
+from fedrec.shared.config import ConfigError, RunConfig
+from fedrec.shared.data.interactions import DataError
+from fedrec.shared.device import Device, TrainOutcome, report_popularity_sum, train_devices
+from fedrec.shared.popularity import PopularityPlan
+from fedrec.shared.state import StateError
+from fedrec.shared.training import LocalTrainingPlan, PlanError
 
 from .nodes import open_node
 

@@ -9,14 +9,14 @@ from typing import Protocol
 
 from flwr.app import ConfigRecord, Context, RecordDict
 
-from shared import protocol as P
-from shared.config import ConfigError, RunConfig
-from shared.data.catalogue import Catalogue
-from shared.data.population import open_population, shard_members
-from shared.data.prepare import read_device_file
-from shared.device import Device, DevicePolicy
-from shared.model import ItemTables
-from shared.state import DeviceState, FileStateStore, atomic_write, save_item_model
+from fedrec.shared import protocol as P
+from fedrec.shared.config import ConfigError, RunConfig
+from fedrec.shared.data.catalogue import Catalogue
+from fedrec.shared.data.population import open_population, shard_members
+from fedrec.shared.data.prepare import read_device_file
+from fedrec.shared.device import Device, DevicePolicy
+from fedrec.shared.model import ItemTables
+from fedrec.shared.state import DeviceState, FileStateStore, atomic_write, save_item_model
 
 STATE_RECORD = "fedrec-device-state"
 DEPLOYED_KEYS = ("data-path", "catalogue-path", "state-path")

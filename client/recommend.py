@@ -8,11 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.data.catalogue import Catalogue
-from shared.data.interactions import DataError
-from shared.data.prepare import read_device_file
-from shared.ranking import refit_user_row
-from shared.state import StateError, load_item_model
+from fedrec.shared.data.catalogue import Catalogue
+from fedrec.shared.data.interactions import DataError
+from fedrec.shared.data.prepare import read_device_file
+from fedrec.shared.ranking import refit_user_row
+from fedrec.shared.state import StateError, load_item_model
 
 from .nodes import MODEL_FILE, NODE_FILE
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from shared.aggregation import Delta
-from shared.model import ItemTables
+from fedrec.shared.aggregation import Delta
+from fedrec.shared.model import ItemTables
 
 class ServerOptimizer:
     """Applies the aggregated delta to the global item tables; its state is checkpointed."""

@@ -9,9 +9,9 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from shared.config import RunConfig
-from shared.data.population import open_population
-from shared.evaluation import METRIC_KEYS
+from fedrec.shared.config import RunConfig
+from fedrec.shared.data.population import open_population
+from fedrec.shared.evaluation import METRIC_KEYS
 
 from .core import initial_tables
 from .loop import Federation

@@ -26,7 +26,7 @@ import numpy as np
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from shared.config import AUTO, ConfigError, RunConfig
+from fedrec.shared.config import AUTO, ConfigError, RunConfig
 
 from .records import CONFIG, LEDGER
 

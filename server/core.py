@@ -11,13 +11,13 @@ from collections.abc import Iterable
 import numpy as np
 from scipy.stats import binom
 
-from shared.aggregation import PartialSum, delta_norm
-from shared.config import AUTO, RunConfig
-from shared.data.catalogue import Catalogue
-from shared.model import ItemTables, initial_item_tables
-from shared.popularity import PopularityPlan, biases_from_counts
-from shared.privacy.accounting import calibrate_noise_multiplier
-from shared.training import LocalTrainingPlan
+from fedrec.shared.aggregation import PartialSum, delta_norm
+from fedrec.shared.config import AUTO, RunConfig
+from fedrec.shared.data.catalogue import Catalogue
+from fedrec.shared.model import ItemTables, initial_item_tables
+from fedrec.shared.popularity import PopularityPlan, biases_from_counts
+from fedrec.shared.privacy.accounting import calibrate_noise_multiplier
+from fedrec.shared.training import LocalTrainingPlan
 
 from .aggregation import ServerOptimizer
 

@@ -26,10 +26,10 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from shared import protocol as P
-from shared.aggregation import PartialSum
-from shared.config import RunConfig
-from shared.model import ItemTables
+from fedrec.shared import protocol as P
+from fedrec.shared.aggregation import PartialSum
+from fedrec.shared.config import RunConfig
+from fedrec.shared.model import ItemTables
 
 from .core import (
     EVAL_SALT,

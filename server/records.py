@@ -12,9 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from shared.config import ConfigError, RunConfig
-from shared.model import ItemTables
-from shared.state import atomic_write
+from fedrec.shared.config import ConfigError, RunConfig
+from fedrec.shared.model import ItemTables
+from fedrec.shared.state import atomic_write
 
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"

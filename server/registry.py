@@ -13,7 +13,7 @@ import time
 from flwr.app import Message, RecordDict
 from flwr.serverapp import Grid
 
-from shared import protocol as P
+from fedrec.shared import protocol as P
 
 log = logging.getLogger("fedrec.server")
 

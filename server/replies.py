@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 from flwr.app import Message
 
-from shared import protocol as P
-from shared.aggregation import PartialSum, delta_norm
-from shared.evaluation import DEVICE_METRIC_KEYS
-from shared.model import ItemTables
+from fedrec.shared import protocol as P
+from fedrec.shared.aggregation import PartialSum, delta_norm
+from fedrec.shared.evaluation import DEVICE_METRIC_KEYS
+from fedrec.shared.model import ItemTables
 
 log = logging.getLogger("fedrec.server")
 EPSILON_SLACK = 1e-9  # relative tolerance when comparing a reported epsilon to the budget

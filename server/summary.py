@@ -6,12 +6,12 @@ import logging
 import statistics
 from typing import Any
 
-from shared.baselines import CentralMFSettings, central_mf_metrics, popularity_metrics, random_metrics
-from shared.config import RunConfig
-from shared.data.population import Population, population_splits
-from shared.evaluation import METRIC_KEYS
-from shared.model import ItemTables
-from shared.ranking import evaluate_with_refit
+from fedrec.shared.baselines import CentralMFSettings, central_mf_metrics, popularity_metrics, random_metrics
+from fedrec.shared.config import RunConfig
+from fedrec.shared.data.population import Population, population_splits
+from fedrec.shared.evaluation import METRIC_KEYS
+from fedrec.shared.model import ItemTables
+from fedrec.shared.ranking import evaluate_with_refit
 
 from .records import LEDGER, RunRecords
 from .user_privacy import user_level_summary

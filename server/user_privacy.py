@@ -16,7 +16,7 @@ from typing import Any
 
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 
-from shared.config import RunConfig
+from fedrec.shared.config import RunConfig
 
 logging.getLogger("absl").setLevel(logging.ERROR)  # dp-accounting warns about orders it skips
 

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from scipy.stats import binom
 
-from shared.config import RunConfig
-from shared.data.catalogue import Catalogue
-from shared.data.interactions import DeviceEvents, split_device
-from shared.data.population import Population, open_population
+from fedrec.shared.config import RunConfig
+from fedrec.shared.data.catalogue import Catalogue
+from fedrec.shared.data.interactions import DeviceEvents, split_device
+from fedrec.shared.data.population import Population, open_population
 
 from .plain import run_plain
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from shared.config import ConfigError, RunConfig
+from fedrec.shared.config import ConfigError, RunConfig
 
 from .procs import command_line, parents, rss_bytes, with_descendants
 
@@ -119,7 +119,7 @@ def cell_config(cell: Cell, *, rounds: int, engine: str, out_dir: str) -> RunCon
 
 def run_cell(cell: Cell, *, rounds: int, engine: str, verbose: bool = False) -> dict[str, Any]:
     """Plain loop first (in a process not yet grown by Flower and Ray), then Flower with the same config."""
-    from server.records import LEDGER, METRICS, RunRecords
+    from fedrec.server.records import LEDGER, METRICS, RunRecords
 
     from .plain import node_count, run_plain
     from .runner import simulate
@@ -165,7 +165,7 @@ def _per_ms(seconds: float, count: float) -> float:
 
 def run_in_child(cell: Cell, *, rounds: int, engine: str) -> dict[str, Any]:
     """One grid cell in a fresh process, so memory and Ray state do not carry over between cells."""
-    argv = [sys.executable, "-m", "simulation.cli", "bench", "--devices-per-round", str(cell.devices_per_round),
+    argv = [sys.executable, "-m", "fedrec.simulation.cli", "bench", "--devices-per-round", str(cell.devices_per_round),
             "--population", str(cell.population), "--items", str(cell.items), "--dim", str(cell.dim),
             "--dp" if cell.dp else "--no-dp", "--rounds", str(rounds), "--engine", engine, "--json"]
     done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)  # the child's log goes to our stderr

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared.config import ConfigError, RunConfig
-from shared.data.interactions import DataError
-from shared.state import StateError
+from fedrec.shared.config import ConfigError, RunConfig
+from fedrec.shared.data.interactions import DataError
+from fedrec.shared.state import StateError
 
 log = logging.getLogger("fedrec")
 
@@ -64,7 +64,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
         mapping["dp"] = False
     mapping["resume"] = bool(args.resume)
     if not mapping.get("out-dir"):
-        from server.records import default_run_dir
+        from fedrec.server.records import default_run_dir
 
         mapping["out-dir"] = str(default_run_dir())
     return RunConfig.from_mapping(mapping, source="fedrec simulate")
@@ -103,8 +103,8 @@ def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from shared.data.loaders import load_dataset
-    from shared.data.prepare import PrepareSettings, prepare_log
+    from fedrec.shared.data.loaders import load_dataset
+    from fedrec.shared.data.prepare import PrepareSettings, prepare_log
 
     config = RunConfig.from_mapping({"dataset": args.dataset, "data-path": args.data_path, **data_overrides(args)},
                                     source="fedrec prepare")
@@ -118,8 +118,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_audit(args: argparse.Namespace) -> int:
     import json
 
-    from server.audit import audit_run
-    from server.audit_report import write_audit
+    from fedrec.server.audit import audit_run
+    from fedrec.server.audit_report import write_audit
 
     if not args.run_dir and not args.attacks:
         raise ConfigError("fedrec audit: give a RUN_DIR to audit, --attacks, or both")
@@ -182,7 +182,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
     started = time.perf_counter()
     rows = run_report(config, epsilons=epsilons, out=Path(args.out))
-    from shared.data.population import open_population
+    from fedrec.shared.data.population import open_population
 
     population = open_population(config if config.dataset in ("synthetic", "prepared") else
                                  config.replace(dataset="prepared", data_path=str(Path(args.out) / "prepared")))
@@ -201,7 +201,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    from client.recommend import recommend
+    from fedrec.client.recommend import recommend
 
     picks, server_round = recommend(Path(args.state_path), Path(args.catalogue), k=args.k,
                                     data_path=Path(args.data_path) if args.data_path else None)

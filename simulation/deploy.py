@@ -3,6 +3,7 @@ one SuperNode per device with only its own data, `flwr run` of the app - and eve
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
 import os
@@ -14,15 +15,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from shared.config import ConfigError, RunConfig
-from shared.data.population import open_population
-from shared.data.prepare import prepare_population
+from fedrec.shared.config import ConfigError, RunConfig
+from fedrec.shared.data.population import open_population
+from fedrec.shared.data.prepare import prepare_population
 
 from .credentials import TlsFiles, write_node_keys, write_tls
 from .procs import free_port
 
 log = logging.getLogger("fedrec.deploy")
-ROOT = Path(__file__).resolve().parents[1]  # the Flower app (pyproject.toml) that `flwr run` ships
 CONNECTION = "fedrec-local"
 START_TIMEOUT_S = 60.0
 
@@ -146,15 +146,37 @@ class LocalDeployment:
             time.sleep(5)
 
     def run(self, run_config: dict[str, Any], *, timeout: float) -> subprocess.CompletedProcess:
-        """`flwr run` of this project against the SuperLink; returns when the run has finished."""
-        if not (ROOT / "pyproject.toml").exists():
-            raise ConfigError(f"{ROOT}: deploy-local ships the fedrec source tree as the Flower app; pyproject.toml "
-                              "is missing (install fedrec from its source checkout)")
+        """`flwr run` of the installed fedrec app against the SuperLink; returns when the run has finished."""
+        app = write_flower_app(self.out / "app")
         pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         with open(self.logs / "flwr-run.log", "ab") as log_file:
-            return subprocess.run([self.tool["flwr"], "run", str(ROOT), CONNECTION, "--stream", "--run-config", pairs],
+            return subprocess.run([self.tool["flwr"], "run", str(app), CONNECTION, "--stream", "--run-config", pairs],
                                   env=self.env, cwd=self.out, stdout=log_file, stderr=subprocess.STDOUT,
                                   timeout=timeout, start_new_session=True)
+
+
+def write_flower_app(folder: Path) -> Path:
+    """The Flower app that deploy-local runs: a folder holding only its pyproject.toml.
+
+    Its component paths name the installed package (fedrec.server.app, fedrec.client.app), so the
+    SuperLink and every SuperNode run the fedrec installed beside them, editable or not, and the
+    app bundle `flwr run` ships carries no code and no file of the run. The defaults of
+    [tool.flwr.app.config] come from RunConfig, the single source of truth.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = ["[project]", 'name = "fedrec"', f'version = "{_version()}"', "dependencies = []", "",
+             "[tool.flwr.app]", 'publisher = "fedrec"', "", "[tool.flwr.app.components]",
+             'serverapp = "fedrec.server.app:app"', 'clientapp = "fedrec.client.app:app"', "",
+             "[tool.flwr.app.config]", *(f"{k} = {_toml_value(v)}" for k, v in RunConfig().to_mapping().items())]
+    (folder / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return folder
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("fedrec")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
 
 
 def _reap_group(pgid: int) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.core import (
+from fedrec.server.core import (
     TRAIN_SALT,
     ItemModelServer,
     initial_tables,
@@ -28,13 +28,13 @@ from server.core import (
     sample_devices,
     update_bound,
 )
-from shared import protocol as P
-from shared.aggregation import PartialSum
-from shared.config import RunConfig
-from shared.data.population import Population, open_population
-from shared.device import Device, DevicePolicy, TrainOutcome, report_popularity_sum, train_devices
-from shared.model import ItemTables
-from shared.state import MemoryStateStore
+from fedrec.shared import protocol as P
+from fedrec.shared.aggregation import PartialSum
+from fedrec.shared.config import RunConfig
+from fedrec.shared.data.population import Population, open_population
+from fedrec.shared.device import Device, DevicePolicy, TrainOutcome, report_popularity_sum, train_devices
+from fedrec.shared.model import ItemTables
+from fedrec.shared.state import MemoryStateStore
 
 log = logging.getLogger("fedrec.simulation")
 ENGINES = ("device", "cohort")

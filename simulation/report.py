@@ -23,17 +23,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from shared.baselines import (  # noqa: E402
+from fedrec.shared.baselines import (  # noqa: E402
     CentralDP,
     CentralMFSettings,
     popularity_metrics,
     random_metrics,
     train_central_mf,
 )
-from shared.config import RunConfig  # noqa: E402
-from shared.data.population import open_population, population_splits  # noqa: E402
-from shared.evaluation import CategoryDiversity, evaluate_population  # noqa: E402
-from shared.ranking import evaluate_with_refit  # noqa: E402
+from fedrec.shared.config import RunConfig  # noqa: E402
+from fedrec.shared.data.population import open_population, population_splits  # noqa: E402
+from fedrec.shared.evaluation import CategoryDiversity, evaluate_population  # noqa: E402
+from fedrec.shared.ranking import evaluate_with_refit  # noqa: E402
 
 from .plain import run_plain  # noqa: E402
 from .runner import prepare_run_data  # noqa: E402

@@ -12,11 +12,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shared.config import RunConfig
-from shared.data.loaders import load_dataset
-from shared.data.population import open_population
-from shared.data.prepare import PrepareSettings, prepare_log
-from shared.evaluation import METRIC_KEYS
+from fedrec.shared.config import RunConfig
+from fedrec.shared.data.loaders import load_dataset
+from fedrec.shared.data.population import open_population
+from fedrec.shared.data.prepare import PrepareSettings, prepare_log
+from fedrec.shared.evaluation import METRIC_KEYS
 
 from .plain import node_count
 
@@ -97,8 +97,8 @@ def simulate(config: RunConfig, *, verbose: bool = False, client_mods: list | No
     quiet_environment()
     from flwr.simulation import run_simulation  # after the environment is set
 
-    from client.app import build_client_app
-    from server.app import build_server_app
+    from fedrec.client.app import build_client_app
+    from fedrec.server.app import build_server_app
 
     run_dir = Path(config.out_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from shared.config import RunConfig  # noqa: E402
+from fedrec.shared.config import RunConfig  # noqa: E402
 
 
 @pytest.fixture
@@ -61,7 +61,7 @@ def wait_until_gone(started: set[int], timeout: float = 20.0) -> dict[int, str]:
 def finished_run(tmp_path_factory):
     """One small simulation through the real Flower app (cohort engine: 3 nodes of 8 devices), shared by the tests
     that read its run directory."""
-    from simulation.runner import simulate
+    from fedrec.simulation.runner import simulate
 
     root = tmp_path_factory.mktemp("e2e")
     before = set(ray_processes())  # other Ray sessions on this machine are not ours to judge

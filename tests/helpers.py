@@ -8,8 +8,8 @@ import time
 import numpy as np
 from flwr.app import Message, Metadata, RecordDict
 
-from shared.model import ItemTables
-from shared.training import LocalTrainingPlan
+from fedrec.shared.model import ItemTables
+from fedrec.shared.training import LocalTrainingPlan
 
 _ids = itertools.count()
 

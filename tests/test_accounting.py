@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants import RDPAccountant
 
-from shared.privacy.accounting import (
+from fedrec.shared.privacy.accounting import (
     RDP_ORDERS,
     calibrate_noise_multiplier,
     compact_history,

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from opacus.accountants.analysis import rdp as opacus_rdp
 
-from server.audit import audit_run, classic_rdp_conversion
-from shared.config import RunConfig
-from shared.privacy.accounting import epsilon
-from simulation.cli import main as fedrec
+from fedrec.server.audit import audit_run, classic_rdp_conversion
+from fedrec.shared.config import RunConfig
+from fedrec.shared.privacy.accounting import epsilon
+from fedrec.simulation.cli import main as fedrec
 from tests.conftest import read_jsonl
 
 
@@ -151,7 +151,7 @@ def test_cli_exit_code_and_json(finished_run, tmp_path, capsys):
 
 @pytest.mark.e2e
 def test_user_level_dp_is_accounted_and_recomputed(tmp_path):
-    from simulation.runner import simulate
+    from fedrec.simulation.runner import simulate
 
     config = RunConfig(devices=16, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=10,
                        embedding_dim=4, num_negatives=4, rounds=3, devices_per_round=8, eval_every=5,
@@ -169,7 +169,7 @@ def test_user_level_dp_is_accounted_and_recomputed(tmp_path):
 
 
 def test_attacks_succeed_without_dp_and_fail_with_it():
-    from simulation.attacks import default_attack_config, run_attacks
+    from fedrec.simulation.attacks import default_attack_config, run_attacks
 
     config = default_attack_config().replace(devices=300, synthetic_items=120, rounds=8, devices_per_round=150)
     out = run_attacks(config)

@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from simulation.cli import main
+from fedrec.simulation.cli import main
 
 POSITIVE = ("startup_s", "first_round_s", "flower_round_s", "plain_round_s", "ratio", "per_update_ms_flower",
             "per_update_ms_plain", "peak_rss_gb_flower", "peak_rss_gb_plain", "bytes_per_update_up",

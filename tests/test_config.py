@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import AUTO, ConfigError, RunConfig
-from simulation.cli import parse_run_config
+from fedrec.shared.config import AUTO, ConfigError, RunConfig
+from fedrec.simulation.cli import parse_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,13 +7,13 @@ import dataclasses
 import numpy as np
 import pytest
 
-from shared.config import RunConfig
-from shared.data.interactions import DataError, DeviceEvents, split_device
-from shared.data.loaders import load_movielens
-from shared.data.population import open_population, population_splits
-from shared.data.prepare import prepare_log, read_device_file
-from shared.data.prepared import PreparedData
-from shared.data.synthetic import SyntheticSpec
+from fedrec.shared.config import RunConfig
+from fedrec.shared.data.interactions import DataError, DeviceEvents, split_device
+from fedrec.shared.data.loaders import load_movielens
+from fedrec.shared.data.population import open_population, population_splits
+from fedrec.shared.data.prepare import prepare_log, read_device_file
+from fedrec.shared.data.prepared import PreparedData
+from fedrec.shared.data.synthetic import SyntheticSpec
 
 
 def events(items, times, weights=None):

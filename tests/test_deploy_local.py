@@ -7,10 +7,10 @@ import time
 
 import pytest
 
-from shared.config import RunConfig
-from simulation.cli import main
-from simulation.deploy import LocalDeployment, deploy_local
-from simulation.procs import processes_mentioning
+from fedrec.shared.config import RunConfig
+from fedrec.simulation.cli import main
+from fedrec.simulation.deploy import LocalDeployment, deploy_local
+from fedrec.simulation.procs import processes_mentioning
 
 pytestmark = pytest.mark.e2e
 TINY = dict(synthetic_items=60, synthetic_topics=4, synthetic_mean_events=12, embedding_dim=4, num_negatives=4,
@@ -51,7 +51,7 @@ def test_a_killed_supernode_fails_its_round_and_rejoins_with_its_epsilon(tmp_pat
     import signal
     import threading
 
-    from simulation.deploy import device_files, server_run_config, start_devices
+    from fedrec.simulation.deploy import device_files, server_run_config, start_devices
 
     out = (tmp_path / "deploy").resolve()
     config = RunConfig(devices=3, rounds=5, devices_per_round=3, round_timeout=40.0, epsilon_budget=30.0,
@@ -94,7 +94,7 @@ def test_the_superlink_restarted_resumes_the_run_from_its_checkpoint(tmp_path):
     database; `flwr run` with resume=true continues from the checkpoint, appending to the same ledger."""
     import threading
 
-    from simulation.deploy import device_files, server_run_config, start_devices
+    from fedrec.simulation.deploy import device_files, server_run_config, start_devices
 
     out = (tmp_path / "deploy").resolve()
     config = RunConfig(devices=3, rounds=4, devices_per_round=3, round_timeout=60.0, epsilon_budget=30.0,

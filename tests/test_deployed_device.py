@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
 
-from client.app import build_client_app
-from client.nodes import MODEL_FILE, NODE_FILE, STATE_FILE
-from shared import protocol as P
-from shared.config import RunConfig
-from shared.data.catalogue import Catalogue
-from shared.data.loaders import load_taobao
-from shared.data.prepare import prepare_log
-from shared.state import load_item_model
-from simulation.cli import main
+from fedrec.client.app import build_client_app
+from fedrec.client.nodes import MODEL_FILE, NODE_FILE, STATE_FILE
+from fedrec.shared import protocol as P
+from fedrec.shared.config import RunConfig
+from fedrec.shared.data.catalogue import Catalogue
+from fedrec.shared.data.loaders import load_taobao
+from fedrec.shared.data.prepare import prepare_log
+from fedrec.shared.state import load_item_model
+from fedrec.simulation.cli import main
 from tests.helpers import message, plan, tables
 
 CONFIG = RunConfig(embedding_dim=4, num_negatives=3, epsilon_budget=8.0)

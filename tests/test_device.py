@@ -9,10 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from shared.data.interactions import DataError, DeviceEvents
-from shared.device import Device, DevicePolicy
-from shared.privacy.accounting import epsilon
-from shared.state import DeviceState, FileStateStore, StateError
+from fedrec.shared.data.interactions import DataError, DeviceEvents
+from fedrec.shared.device import Device, DevicePolicy
+from fedrec.shared.privacy.accounting import epsilon
+from fedrec.shared.state import DeviceState, FileStateStore, StateError
 from tests.helpers import plan, tables
 
 EVENTS = DeviceEvents(items=np.arange(8, dtype=np.int64), times=np.arange(8, dtype=np.int64) * 10,

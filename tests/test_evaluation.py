@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from shared.data.interactions import DeviceSplit
-from shared.evaluation import evaluate_population, rank_scores
+from fedrec.shared.data.interactions import DeviceSplit
+from fedrec.shared.evaluation import evaluate_population, rank_scores
 
 
 def split(train, val, test):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from simulation import procs
+from fedrec.simulation import procs
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shared.config import RunConfig
-from shared.data.interactions import DataError
-from shared.data.loaders import LoadOptions, load_counts, load_csv, load_dataset, load_retailrocket, load_taobao
-from shared.data.prepare import PrepareSettings, prepare_log, read_device_file
+from fedrec.shared.config import RunConfig
+from fedrec.shared.data.interactions import DataError
+from fedrec.shared.data.loaders import LoadOptions, load_counts, load_csv, load_dataset, load_retailrocket, load_taobao
+from fedrec.shared.data.prepare import PrepareSettings, prepare_log, read_device_file
 
 
 def taobao_rows(n_users=6, n_items=9):
@@ -150,7 +150,7 @@ def test_k_core_and_minimum_history_are_counted(tmp_path):
 
 MEASURE = """
 import resource, sys
-from shared.data.formats import TAOBAO, read_log
+from fedrec.shared.data.formats import TAOBAO, read_log
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 raw = read_log(sys.argv[1], TAOBAO)
 after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -177,9 +177,9 @@ def test_a_large_log_streams_in_bounded_memory(tmp_path):
 
 def test_a_behaviour_log_trains_end_to_end(tmp_path):
     """Taobao-shaped log -> prepared folder -> federated DP rounds (the Flower-free loop) -> ranked items."""
-    from shared.data.population import open_population, population_splits
-    from shared.ranking import evaluate_with_refit
-    from simulation.plain import run_plain
+    from fedrec.shared.data.population import open_population, population_splits
+    from fedrec.shared.ranking import evaluate_with_refit
+    from fedrec.simulation.plain import run_plain
 
     (tmp_path / "UserBehavior.csv").write_text("\n".join(taobao_rows(n_users=12, n_items=10)) + "\n")
     stats = prepare_log(load_taobao(tmp_path), tmp_path / "prep", dataset="taobao")

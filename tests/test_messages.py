@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client.app import build_client_app
-from server.replies import sort_eval_replies, sort_train_replies
-from shared import protocol as P
-from shared.state import FileStateStore
+from fedrec.client.app import build_client_app
+from fedrec.server.replies import sort_eval_replies, sort_train_replies
+from fedrec.shared import protocol as P
+from fedrec.shared.state import FileStateStore
 from tests.helpers import message, plan, tables
 
 
@@ -70,7 +70,7 @@ def test_evaluate_reply_carries_only_metrics(small_config):
 
 def test_a_shard_node_trains_its_devices_and_sends_one_clipped_sum(small_config):
     """Cohort engine: node 1 of 3 hosts sim-1, sim-4, sim-7, sim-10; it answers for the two it is asked about."""
-    from shared.aggregation import delta_norm
+    from fedrec.shared.aggregation import delta_norm
 
     client = build_client_app(small_config)
     t = tables(num_items=small_config.synthetic_items, dim=small_config.embedding_dim)
@@ -168,10 +168,10 @@ def test_bad_evaluation_replies_are_rejected():
 
 def test_the_default_influence_bound_passes_honest_updates_and_rejects_far_larger_ones():
     """delta-clip-norm 'auto': real DP updates fit under the bound; one 10x above it is rejected."""
-    from server.core import update_bound
-    from shared.aggregation import delta_norm
-    from shared.config import RunConfig
-    from shared.training import DeviceTrainingData, train_cohort
+    from fedrec.server.core import update_bound
+    from fedrec.shared.aggregation import delta_norm
+    from fedrec.shared.config import RunConfig
+    from fedrec.shared.training import DeviceTrainingData, train_cohort
 
     t = tables(num_items=200, dim=8)
     p = plan(noise_multiplier=2.0, lr=0.5, steps=1, train_biases=False)

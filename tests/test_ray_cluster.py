@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import RunConfig
-from simulation.procs import free_port, processes_mentioning
+from fedrec.shared.config import RunConfig
+from fedrec.simulation.procs import free_port, processes_mentioning
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def ray_head(tmp_path):
 
 
 def test_simulation_attaches_to_a_running_ray_cluster(ray_head, tmp_path):
-    from simulation.runner import simulate
+    from fedrec.simulation.runner import simulate
 
     config = RunConfig(devices=12, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=12,
                        embedding_dim=4, num_negatives=4, rounds=2, devices_per_round=6, eval_every=2,

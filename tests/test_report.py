@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
-from simulation.cli import main as fedrec
+from fedrec.simulation.cli import main as fedrec
 
 
 def test_report_writes_every_row_and_file(tmp_path, capsys):

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.evaluation import METRIC_KEYS
-from simulation.runner import simulate
+from fedrec.shared.evaluation import METRIC_KEYS
+from fedrec.simulation.runner import simulate
 from tests.test_accounting import independent_epsilon
 
 pytestmark = pytest.mark.e2e
@@ -71,8 +71,8 @@ def test_no_background_process_is_left(finished_run):
 
 
 def test_resume_continues_rounds_ledger_and_budgets(tmp_path):
-    from shared.config import RunConfig
-    from shared.state import FileStateStore
+    from fedrec.shared.config import RunConfig
+    from fedrec.shared.state import FileStateStore
 
     config = RunConfig(devices=10, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=10,
                        embedding_dim=4, num_negatives=4, rounds=2, devices_per_round=10, eval_every=5,
@@ -91,7 +91,7 @@ def test_resume_continues_rounds_ledger_and_budgets(tmp_path):
 
 
 def test_bad_replies_are_rejected_and_rounds_complete(tmp_path):
-    from shared.config import RunConfig
+    from fedrec.shared.config import RunConfig
 
     def corrupt(message, context, call_next):
         """Devices 1 and 2 (one per node: device engine) send a NaN / wrongly shaped update."""
@@ -121,9 +121,9 @@ def test_bad_replies_are_rejected_and_rounds_complete(tmp_path):
 
 def test_the_plain_loop_runs_the_same_federation(finished_run):
     """Without Flower, the same server core, nodes and device code give the same model and epsilons."""
-    from server.core import shrink_embeddings
-    from server.records import RunRecords
-    from simulation.plain import run_plain
+    from fedrec.server.core import shrink_embeddings
+    from fedrec.server.records import RunRecords
+    from fedrec.simulation.plain import run_plain
 
     config, summary, run_dir, _ = finished_run
     plain = run_plain(config.replace(out_dir="", state_dir=""))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.privacy.accounting import epsilon
-from shared.training import DeviceTrainingData, PlanError, train_cohort
+from fedrec.shared.privacy.accounting import epsilon
+from fedrec.shared.training import DeviceTrainingData, PlanError, train_cohort
 from tests.helpers import plan, tables
 
 
@@ -113,7 +113,7 @@ def test_fast_embedding_norms_equal_opacus():
     import torch
     from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
 
-    from shared.privacy.embedding_norms import RowEmbedding, lookup_norms
+    from fedrec.shared.privacy.embedding_norms import RowEmbedding, lookup_norms
 
     layer = RowEmbedding(30, 5)
     gen = torch.Generator().manual_seed(0)
