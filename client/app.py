@@ -1,4 +1,8 @@
-"""Flower ClientApp: unpack a message, run the step of the devices it names (shared.device), pack the reply."""
+"""Flower ClientApp: unpack a message, run the step of the devices it names (shared.device), pack the reply.
+
+Every handler is wrapped so that any exception leaves the device as an error code only: messages
+(which may quote the device's data) go to the device's own log, never to the server.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ from fedrec.shared.aggregation import PartialSum
 from fedrec.shared.config import ConfigError, RunConfig
 from fedrec.shared.data.interactions import DataError
 from fedrec.shared.device import Device, TrainOutcome, report_popularity_sum, train_devices
+from fedrec.shared.eval_release import RELEASED_METRICS, EvaluationPlan
+from fedrec.shared.policy import PolicyError
 from fedrec.shared.popularity import PopularityPlan
 from fedrec.shared.state import StateError
 from fedrec.shared.training import LocalTrainingPlan, PlanError
@@ -24,22 +30,32 @@ from .nodes import open_node
 
 log = logging.getLogger("fedrec.client")
 
-# Errors with a clear message for the server's log; anything else is a bug and propagates.
-EXPECTED_ERRORS = (ConfigError, DataError, PlanError, P.ProtocolError, StateError)
 DEVICE_ERROR_CODE = 100
+# What the server learns of a failure: the kind of error, never its message.
+ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
+    (ConfigError, "node-config"), (PolicyError, "device-policy"), (PlanError, "bad-plan"),
+    (P.ProtocolError, "bad-message"), (StateError, "device-state"), (DataError, "device-data"))
 
 
 def _arrays(record: ArrayRecord) -> dict:
     return {key: array.numpy() for key, array in record.items()}
 
 
-def _devices_record(devices: list[Device]) -> ConfigRecord:
-    return ConfigRecord({P.DEVICE_IDS: [d.device_id for d in devices]})
+def _devices_record(devices: list[Device], outcomes: list[TrainOutcome] | None = None) -> ConfigRecord:
+    record: dict = {P.DEVICE_IDS: [d.device_id for d in devices]}
+    if outcomes is not None:
+        record[P.REFUSED] = [o.refused for o in outcomes]  # policy rule names: from the plan, not the data
+    return ConfigRecord(record)
 
 
 def _report(outcomes: list[TrainOutcome], clipped: int = 0) -> MetricRecord:
     return MetricRecord({"declined": [int(o.declined) for o in outcomes],
                          "epsilon": [float(o.epsilon) for o in outcomes], "clipped": clipped})
+
+
+def error_code(err: BaseException) -> str:
+    """The data-free name of an error: its kind only."""
+    return next((code for kind, code in ERROR_CODES if isinstance(err, kind)), "internal-error")
 
 
 def handle_train(message: Message, context: Context, config: RunConfig) -> Message:
@@ -50,8 +66,9 @@ def handle_train(message: Message, context: Context, config: RunConfig) -> Messa
     node.received(tables, plan.server_round)
     total = PartialSum.zeros(tables.num_items, tables.dim)
     clip = float(message.content[P.COHORT].get(P.DELTA_CLIP, 0.0))
-    outcomes = train_devices(devices, plan, tables, into=total, delta_clip=clip)
-    content = RecordDict({P.REPORT: _report(outcomes, total.clipped), P.DEVICE: _devices_record(devices)})
+    outcomes = train_devices(devices, plan, tables, into=total, delta_clip=clip,
+                             nonce=P.nonce(message.content[P.COHORT]))
+    content = RecordDict({P.REPORT: _report(outcomes, total.clipped), P.DEVICE: _devices_record(devices, outcomes)})
     if total.count:
         content[P.DELTA] = ArrayRecord({k: Array(v) for k, v in P.delta_to_arrays(total.embedding,
                                                                                   total.bias).items()})
@@ -62,8 +79,8 @@ def handle_popularity(message: Message, context: Context, config: RunConfig) -> 
     node = open_node(context, config)
     devices = node.devices(message.content)
     plan = PopularityPlan.from_config(dict(message.content[P.PRIOR]))
-    outcomes, total = report_popularity_sum(devices, plan, node.num_items)
-    content = RecordDict({P.REPORT: _report(outcomes), P.DEVICE: _devices_record(devices)})
+    outcomes, total = report_popularity_sum(devices, plan, node.num_items, nonce=P.nonce(message.content[P.COHORT]))
+    content = RecordDict({P.REPORT: _report(outcomes), P.DEVICE: _devices_record(devices, outcomes)})
     if total is not None:
         content[P.COUNTS] = ArrayRecord({P.ITEM_COUNTS: Array(total.astype(np.float32))})
     return Message(content, reply_to=message)
@@ -72,13 +89,18 @@ def handle_popularity(message: Message, context: Context, config: RunConfig) -> 
 def handle_evaluate(message: Message, context: Context, config: RunConfig) -> Message:
     node = open_node(context, config)
     devices = node.devices(message.content)
-    settings = message.content[P.EVAL]
+    plan = EvaluationPlan.from_config(dict(message.content[P.EVAL]))
     tables = P.tables_from_arrays(_arrays(message.content[P.TABLES]))
-    node.received(tables, int(settings["server-round"]))
-    per_device = [device.evaluate(tables, target=str(settings["target"]), l2=float(settings["refit-l2"]),
-                                  sampled_seed=int(settings["sampled-seed"])) for device in devices]
-    metrics = MetricRecord({key: [float(m[key]) for m in per_device] for key in per_device[0]})
-    return Message(RecordDict({P.METRICS: metrics, P.DEVICE: _devices_record(devices)}), reply_to=message)
+    node.received(tables, plan.server_round)
+    nonce = P.nonce(message.content[P.COHORT])
+    results = [device.evaluate(plan, tables, nonce=nonce) for device in devices]
+    outcomes = [outcome for outcome, _ in results]
+    released = [metrics for _, metrics in results if metrics is not None]
+    # Metrics of the devices that released, in the order asked; nothing for those that refused or declined.
+    content = RecordDict({P.REPORT: _report(outcomes), P.DEVICE: _devices_record(devices, outcomes)})
+    if released:
+        content[P.METRICS] = MetricRecord({k: [m[k] for m in released] for k in RELEASED_METRICS})
+    return Message(content, reply_to=message)
 
 
 def handle_hello(message: Message, context: Context, config: RunConfig) -> Message:
@@ -95,9 +117,11 @@ def _guarded(handler: Handler, config: RunConfig | None) -> Callable[[Message, C
         try:
             run_config = config or RunConfig.from_mapping(context.run_config)
             return handler(message, context, run_config)
-        except EXPECTED_ERRORS as err:
-            log.error("device refused the %s request: %s", message.metadata.message_type, err)
-            return Message(Error(code=DEVICE_ERROR_CODE, reason=f"{type(err).__name__}: {err}"), reply_to=message)
+        except Exception as err:  # noqa: BLE001 - the outermost layer: nothing but a code may leave
+            code = error_code(err)
+            log.error("device could not answer the %s request (%s): %s", message.metadata.message_type, code, err,
+                      exc_info=code == "internal-error")
+            return Message(Error(code=DEVICE_ERROR_CODE, reason=code), reply_to=message)
 
     return run
 

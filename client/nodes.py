@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from flwr.app import ConfigRecord, Context, RecordDict
 
@@ -14,12 +14,14 @@ from fedrec.shared.config import ConfigError, RunConfig
 from fedrec.shared.data.catalogue import Catalogue
 from fedrec.shared.data.population import open_population, shard_members
 from fedrec.shared.data.prepare import read_device_file
-from fedrec.shared.device import Device, DevicePolicy
+from fedrec.shared.device import Device, DeviceSettings
+from fedrec.shared.policy import PrivacyPolicy, read_policy_file, simulated_policy
 from fedrec.shared.model import ItemTables
 from fedrec.shared.state import DeviceState, FileStateStore, atomic_write, save_item_model
 
 STATE_RECORD = "fedrec-device-state"
 DEPLOYED_KEYS = ("data-path", "catalogue-path", "state-path")
+OPTIONAL_KEYS = ("device-id", "policy-path")
 STATE_FILE, MODEL_FILE, NODE_FILE = "state.json", "item-model.npz", "node.json"
 
 
@@ -83,6 +85,7 @@ class SimulatedNode:
         self.population = open_population(config)
         self.num_items = self.population.num_items
         self.keys = {f"sim-{k}": k for k in shard_members(self.population.num_devices, shard, shards)}
+        self.policy = simulated_policy(config)
 
     def device_ids(self) -> list[str]:
         return sorted(self.keys, key=self.keys.__getitem__)
@@ -97,10 +100,21 @@ class SimulatedNode:
         cfg = self.config
         store = (FileStateStore(Path(cfg.state_dir) / f"{device_id}.json", durable=False) if cfg.state_dir
                  else ContextStateStore(self.context, device_id))
-        policy = DevicePolicy(epsilon_budget=cfg.epsilon_budget, embedding_dim=cfg.embedding_dim,
-                              init_scale=cfg.init_scale, seed=cfg.seed)
+        settings = DeviceSettings(embedding_dim=cfg.embedding_dim, init_scale=cfg.init_scale, seed=cfg.seed)
         key = self.keys[device_id]
-        return Device(device_id, key, self.population.device_events(key), store, policy)
+        return Device(device_id, key, lambda: self.population.device_events(key), store, settings, self.policy)
+
+
+def deployed_policy(node_config: dict[str, Any]) -> PrivacyPolicy:
+    """A deployed device's policy: its policy file (policy-path), then policy keys in its node config.
+
+    Never the run config: the server chooses that, and the device does not trust the server's plans.
+    """
+    settings: dict[str, Any] = {}
+    if "policy-path" in node_config:
+        settings.update(read_policy_file(Path(str(node_config["policy-path"]))))
+    settings.update({k: v for k, v in node_config.items() if k in PrivacyPolicy.keys()})
+    return PrivacyPolicy.from_mapping(settings, source="node config")
 
 
 class DeployedNode:
@@ -108,28 +122,35 @@ class DeployedNode:
 
     Node config: data-path (its events, as `fedrec prepare` writes them per device), catalogue-path,
     state-path (a folder: the device state and the latest item model it received, written
-    atomically and flushed to disk), device-id (optional; default: the data file's name).
+    atomically and flushed to disk), device-id (optional; default: the data file's name), and its
+    privacy policy (shared/policy.py): policy keys in the node config and/or policy-path, a TOML
+    file of them. The events file is read only for a plan that passed the policy and the budget.
     Its randomness (sampling, negatives, DP noise) is seeded from the operating system's entropy
     at start, so the server cannot predict the noise, unlike a simulation's seeded runs.
     """
 
     def __init__(self, context: Context, config: RunConfig) -> None:
-        node_config = context.node_config
+        node_config = dict(context.node_config)
         missing = [key for key in DEPLOYED_KEYS if key not in node_config]
         if missing:
             raise ConfigError(f"node config: missing {missing}; a deployed device needs "
                               f"{', '.join(DEPLOYED_KEYS)}")
+        unknown = sorted(set(node_config) - {*DEPLOYED_KEYS, *OPTIONAL_KEYS, *PrivacyPolicy.keys()})
+        if unknown:
+            raise ConfigError(f"node config: unknown key(s) {unknown}; known: {[*DEPLOYED_KEYS, *OPTIONAL_KEYS]} "
+                              f"and the privacy policy keys {PrivacyPolicy.keys()}")
         data_path = Path(str(node_config["data-path"]))
         catalogue_path = Path(str(node_config["catalogue-path"]))
         self.state_dir = Path(str(node_config["state-path"]))
         self.catalogue = Catalogue.read_csv(catalogue_path)
         self.num_items = self.catalogue.num_items
         self.device_id = str(node_config.get("device-id", data_path.stem))
-        policy = DevicePolicy(epsilon_budget=config.epsilon_budget, embedding_dim=config.embedding_dim,
-                              init_scale=config.init_scale, seed=secrets.randbits(62))
-        events = read_device_file(data_path, num_items=self.num_items)
+        settings = DeviceSettings(embedding_dim=config.embedding_dim, init_scale=config.init_scale,
+                                  seed=secrets.randbits(62))
         store = FileStateStore(self.state_dir / STATE_FILE)
-        self.device = Device(self.device_id, secrets.randbits(31), events, store, policy)
+        self.device = Device(self.device_id, secrets.randbits(31),
+                             lambda: read_device_file(data_path, num_items=self.num_items), store, settings,
+                             deployed_policy(node_config))
         # Where this device's data lives, for `fedrec recommend` on the device.
         described = json.dumps({"device-id": self.device_id, "data-path": str(data_path.resolve()),
                                 "catalogue-path": str(catalogue_path.resolve())},

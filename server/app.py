@@ -4,42 +4,79 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrec.shared.config import RunConfig
-from fedrec.shared.data.population import open_population
+from fedrec.shared.data.catalogue import Catalogue
+from fedrec.shared.data.population import Population, open_catalogue, open_population, simulated_device_count
+from fedrec.shared.data.prepared import refuse_inside_flower_app
 from fedrec.shared.evaluation import METRIC_KEYS
 
 from .core import initial_tables
 from .loop import Federation
-from .records import RunRecords
+from .records import RunRecords, default_run_dir
+from .registry import grid_is_simulated
 from .summary import privacy_summary, reference_metrics
 
 log = logging.getLogger("fedrec.server")
 GRID_PULL_INTERVAL_S = 0.005
 
 
+@dataclass(frozen=True)
+class ServerInputs:
+    """What the server reads before its first round."""
+
+    catalogue: Catalogue  # public: item count and categories for the initial item tables
+    expected_devices: int  # devices to wait for before round 0; more may join later
+    population: Population | None = None  # every device's data: only a simulation with baselines has it
+
+
+def server_inputs(grid: Grid, config: RunConfig) -> ServerInputs:
+    """The catalogue and device count; the population (all devices' events) only for a simulation's baselines."""
+    if not grid_is_simulated(grid):
+        # Deployment: the server holds no personal data - the public catalogue and the plan settings; it
+        # waits for min-devices devices to say hello and continues with whoever has (more may join later).
+        if config.baselines:
+            log.warning("baselines=true is a simulation feature: a deployed server holds no device data, so it "
+                        "reports the devices' federated evaluation only (set baselines=false to silence this)")
+        return ServerInputs(open_catalogue(config, deployed=True), expected_devices=config.min_devices)
+    if config.baselines:
+        population = open_population(config)
+        return ServerInputs(population.catalogue(), population.num_devices, population)
+    return ServerInputs(open_catalogue(config, deployed=False), simulated_device_count(config))
+
+
+def check_output_folders(config: RunConfig) -> None:
+    """Refuse run records or device state inside a Flower app folder (`flwr run` would pack them)."""
+    refuse_inside_flower_app(Path(config.out_dir) if config.out_dir else default_run_dir(), "out-dir")
+    if config.state_dir:
+        refuse_inside_flower_app(Path(config.state_dir), "state-dir")
+
+
 def run_server(grid: Grid, config: RunConfig) -> dict[str, Any]:
     """Run every round of `config` on the devices behind `grid`; returns the summary it writes."""
     started = time.monotonic()
+    check_output_folders(config)
+    inputs = server_inputs(grid, config)
     records = RunRecords.open(config, resume=config.resume)
-    population = open_population(config)
-    federation = Federation(grid, config, records, expected_devices=population.num_devices,
-                            initial_tables=initial_tables(config, population.catalogue()))
+    federation = Federation(grid, config, records, expected_devices=inputs.expected_devices,
+                            initial_tables=initial_tables(config, inputs.catalogue))
     result = federation.run()
     trained_s = time.monotonic() - started
     summary: dict[str, Any] = {
         "dataset": config.dataset, "data_path": config.data_path, "devices": result.devices,
-        "items": population.num_items, "rounds": config.rounds, "dp": config.dp,
+        "items": inputs.catalogue.num_items, "rounds": config.rounds, "dp": config.dp,
     }
-    if config.baselines:
-        summary.update(reference_metrics(config, population, result.tables))
+    if inputs.population is not None:
+        summary.update(reference_metrics(config, inputs.population, result.tables))
     else:
-        summary.update(metrics={k: result.final_eval.get(k, float("nan")) for k in METRIC_KEYS}, baselines={})
-    summary["privacy"] = privacy_summary(config, records, result.noise_multiplier)
+        summary.update(metrics={k: result.final_eval.get(k) for k in METRIC_KEYS}, baselines={})  # null: unknown
+    summary["privacy"] = privacy_summary(config, records, result.noise_multiplier, randomness=federation.randomness)
     summary["federated_eval"] = result.final_eval
     if result.stopped:
         summary["stopped"] = result.stopped

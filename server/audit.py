@@ -3,18 +3,24 @@
 1. read config.json and the ledger (a line torn by a crash ends it, and is reported);
 2. re-derive from every round's *plan* (not from what the server summarised) the DP steps it
    asked of each device, and check the plan against the run's config;
-3. per device, compose the steps of every round it released something in and recompute epsilon
-   with Google's dp-accounting: RDP at the same orders and conversion as the devices (the
-   comparison), and PLD (a tighter reference) - an accountant the devices did not use;
-4. flag any device whose reported epsilon differs from the recomputation (reporting less is
-   tampering), any device over its budget, and any round whose parameters differ from the config;
-5. the same for user-level (central) DP when the run used it, under each sampling assumption.
+3. per device, compose the steps of every release the server received from it (training rounds,
+   popularity report, evaluation releases) and recompute epsilon with Google's dp-accounting: RDP
+   at the same orders and conversion as the devices (the comparison), and PLD (a tighter
+   reference) - an accountant the devices did not use;
+4. charge, on top, everything a device may have released unseen: replies the server rejected,
+   devices that failed (their reply may have been lost after they trained), and every device asked
+   in a round that was written ahead but never completed (the server stopped mid-round);
+5. flag any device whose reported epsilon is below what it released (tampering) or above all it
+   could have been charged, any device over its budget, and any round whose parameters differ
+   from the config;
+6. the same for user-level (central) DP when the run used it, under each sampling assumption.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -28,7 +34,7 @@ from dp_accounting.rdp import RdpAccountant
 
 from fedrec.shared.config import AUTO, ConfigError, RunConfig
 
-from .records import CONFIG, LEDGER
+from .records import CONFIG, LEDGER, RunRecords
 
 # The devices' accountant uses Opacus's orders; the audit evaluates RDP at the same ones.
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
@@ -42,8 +48,10 @@ SAMPLING = ("Within a device, each DP-SGD step samples every interaction indepen
             "fixed (Poisson sampling), which is what the accounting assumes. Which devices take part in a round is "
             "chosen by the server, which therefore knows it: record-level epsilon takes no amplification from "
             "device sampling.")
-NOT_COVERED = ("Not covered by the record-level guarantee: evaluation replies (a device's ranking metrics on its own "
-               "held-out item) and the fact that a device takes part at all.")
+NOT_COVERED = ("Not covered by the record-level guarantee: the fact that a device takes part at all (and when it "
+               "refuses or declines, which depends on its own settings and public plans only), and the time its "
+               "reply takes (local training grows with its sampled batch). Evaluation releases are covered: noised "
+               "on the device and charged like any release.")
 
 Step = tuple[float, float, int]  # (noise multiplier, sampling rate, steps), as in the devices' history
 
@@ -62,9 +70,11 @@ class DeviceAudit:
     device: str
     rounds: list[int] = field(default_factory=list)  # rounds it released something in
     steps: list[Step] = field(default_factory=list)
-    reported: float | None = None  # latest epsilon it reported
+    unseen_steps: list[Step] = field(default_factory=list)  # rejected, failed, or asked in an unfinished round
+    reported: float | None = None  # latest epsilon it reported (inf: it released something without DP)
     recomputed_rdp: float = 0.0
     recomputed_pld: float = 0.0
+    charged_rdp: float = 0.0  # recomputed over steps + unseen_steps: the most it can have spent
     trajectory: list[tuple[int, float]] = field(default_factory=list)  # (round, recomputed epsilon after it)
 
 
@@ -73,7 +83,7 @@ def plan_steps(entry: dict[str, Any]) -> list[Step]:
     plan = entry["plan"]
     if not plan.get("dp", False):
         return []
-    if entry.get("kind") == "popularity":
+    if entry.get("kind") in ("popularity", "evaluate"):
         return [(float(plan["noise-multiplier"]), 1.0, 1)]
     steps = [(float(plan["noise-multiplier"]), float(plan["sample-rate"]), int(plan["steps"]))]
     if int(plan.get("user-steps", 0)) > 0:
@@ -118,36 +128,104 @@ def classic_rdp_conversion(orders: Sequence[float], rdp: Sequence[float], delta:
     return float(min(r - math.log(delta) / (a - 1) for a, r in zip(orders, rdp)))
 
 
-def user_level_epsilon(central: list[dict[str, Any]], *, sampling: str, delta: float) -> float:
-    """User-level epsilon of the central-noise rounds, straight from dp-accounting (not the server's code)."""
+# User-level orders: dp-accounting's defaults, the grid of the server's (Flower's) accountant, so an
+# honest claim is not flagged for a difference of grid.
+USER_LEVEL_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024])
+
+
+def user_level_event(record: dict[str, Any], *, sampling: str, amplified: bool) -> dp_accounting.DpEvent:
+    """One central round as dp-accounting sees it, derived here from the plan (z, S, sizes), not the server's code.
+
+    The round adds N(0, (z S)^2) to the sum of clipped updates (the fixed denominator is post-processing).
+    dp-accounting's noise multiplier is std / L2 sensitivity under the accountant's relation: replacing one
+    device moves the sum by up to 2S (its update out, another's in), adding or removing one by up to S.
+    """
+    std = float(record["noise_multiplier"]) * float(record["clip_norm"])
+    sensitivity = (2.0 if sampling == "fixed" else 1.0) * float(record["clip_norm"])
+    gaussian = dp_accounting.GaussianDpEvent(std / sensitivity)
+    population, size = int(record["population"]), int(record["sample_size"])
+    if not amplified:
+        return gaussian
+    if sampling == "poisson":
+        return dp_accounting.PoissonSampledDpEvent(size / population, gaussian)
+    return dp_accounting.SampledWithoutReplacementDpEvent(population, size, gaussian)
+
+
+def user_level_epsilon(central: list[dict[str, Any]], *, sampling: str, delta: float, amplified: bool = True,
+                       popularity: Sequence[tuple[float, int | None]] = ()) -> float:
+    """User-level epsilon of the central rounds and popularity reports, straight from dp-accounting.
+
+    `popularity`: (noise multiplier sigma, catalogue size N) per popularity round. A report is x + N(0, sigma^2)
+    with x in [0, 1]^N; the whole x is the unit, its norm (and any two's difference) bounded only by sqrt(N).
+    """
     relation = (dp_accounting.NeighboringRelation.REPLACE_ONE if sampling == "fixed"
                 else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-    accountant = RdpAccountant(orders=list(RDP_ORDERS), neighboring_relation=relation)
-    for record in central:
-        gaussian = dp_accounting.GaussianDpEvent(float(record["noise_multiplier"]))
-        population, size = int(record["population"]), int(record["sample_size"])
-        if sampling == "poisson":
-            accountant.compose(dp_accounting.PoissonSampledDpEvent(size / population, gaussian))
-        elif sampling == "fixed":
-            accountant.compose(dp_accounting.SampledWithoutReplacementDpEvent(population, size, gaussian))
-        else:
-            accountant.compose(gaussian)
+    accountant = RdpAccountant(orders=list(USER_LEVEL_ORDERS), neighboring_relation=relation)
+    events = Counter(user_level_event(record, sampling=sampling, amplified=amplified) for record in central)
+    for event, count in events.items():  # identical rounds at once: the subsampled RDP is slow to evaluate
+        accountant.compose(event, count)
+    for sigma, items in popularity:
+        if not sigma > 0 or not items:
+            return math.inf  # a report without noise, or with no known bound on its norm
+        accountant.compose(dp_accounting.GaussianDpEvent(sigma / math.sqrt(items)))
     return float(accountant.get_epsilon(delta))
+
+
+def _popularity_reports(entries: list[dict[str, Any]], run_dir: Path) -> list[tuple[float, int | None]]:
+    """(sigma, catalogue size) of every popularity round; the size from the ledger, else the checkpoint's tables."""
+    attempts: dict[tuple[int, int], dict[str, Any]] = {}  # one per attempt: write-ahead and outcome lines share it
+    for index, entry in enumerate(entries):
+        if entry.get("kind") == "popularity":
+            key = (int(entry["round"]), int(entry.get("attempt", -1 - index)))
+            if key not in attempts or entry.get("central"):
+                attempts[key] = entry
+    reports = list(attempts.values())
+    if not reports:
+        return []
+    checkpoint = RunRecords(run_dir).load_checkpoint()
+    fallback = checkpoint.tables.num_items if checkpoint else None
+    return [(float(e["plan"].get("noise-multiplier", 0.0)) if e["plan"].get("dp") else 0.0,
+             (e.get("central") or {}).get("num_items", fallback)) for e in reports]
+
+
+def _central_flags(record: dict[str, Any], rnd: int, config: RunConfig) -> list[Flag]:
+    """A central round's parameters against the config: noise, clip, sampling, sample size, fixed denominator."""
+    population = int(record["population"])
+    planned = min(config.devices_per_round, population)
+    flags = []
+    if (record["noise_multiplier"], record["clip_norm"]) != (config.central_noise_multiplier, config.delta_clip_norm):
+        flags.append(Flag("error", "central_plan_differs_from_config", f"round {rnd}: central noise "
+                          f"{record['noise_multiplier']} / clip {record['clip_norm']} differ from the config",
+                          round=rnd))
+    if record.get("sampling", config.device_sampling) != config.device_sampling or record["sample_size"] != planned:
+        flags.append(Flag("error", "central_plan_differs_from_config", f"round {rnd}: sampling "
+                          f"{record.get('sampling')} of {record['sample_size']}, config says {config.device_sampling} "
+                          f"of {planned}", round=rnd))
+    if "denominator" not in record:
+        flags.append(Flag("warning", "central_denominator_unrecorded", f"round {rnd}: no fixed denominator recorded; "
+                          "a mean over the realised count is data-dependent", round=rnd))
+    elif int(record["denominator"]) != planned:
+        flags.append(Flag("error", "central_denominator_not_fixed", f"round {rnd}: mean over {record['denominator']}, "
+                          f"not the planned {planned}", round=rnd))
+    return flags
 
 
 def audit_user_level(entries: list[dict[str, Any]], config: RunConfig, run_dir: Path,
                      tolerance: float) -> tuple[dict[str, Any] | None, list[Flag]]:
-    central = [e["central"] for e in entries if e.get("kind") == "train" and e.get("central")]
-    if not central:
+    rounds = [(int(e["round"]), e["central"]) for e in entries if e.get("kind") == "train" and e.get("central")]
+    if not rounds:
         return None, []
-    flags = [Flag("error", "central_plan_differs_from_config", f"a round's central noise {r['noise_multiplier']} / "
-                  f"clip {r['clip_norm']} differ from the config", round=None)
-             for r in central if (r["noise_multiplier"], r["clip_norm"]) !=
-             (config.central_noise_multiplier, config.delta_clip_norm)]
-    recomputed = user_level_epsilon(central, sampling=config.device_sampling, delta=config.delta)
-    out = {"epsilon_recomputed": recomputed, "sampling": config.device_sampling, "rounds": len(central),
-           "epsilon_recomputed_without_amplification": user_level_epsilon(central, sampling="none",
-                                                                           delta=config.delta)}
+    central = [record for _, record in rounds]
+    flags = [flag for rnd, record in rounds for flag in _central_flags(record, rnd, config)]
+    sampling, delta = config.device_sampling, config.delta
+    reports = _popularity_reports(entries, run_dir)
+    recomputed = user_level_epsilon(central, sampling=sampling, delta=delta, popularity=reports)
+    out = {"epsilon_recomputed": recomputed, "sampling": sampling, "rounds": len(central),
+           "popularity_reports": len(reports),
+           "epsilon_recomputed_without_amplification": user_level_epsilon(central, sampling=sampling, delta=delta,
+                                                                           amplified=False, popularity=reports),
+           "epsilon_recomputed_training_rounds": user_level_epsilon(central, sampling=sampling, delta=delta),
+           "accountant": "dp-accounting RDP (default orders), replace-one sensitivity 2S / add-remove S"}
     summary_path = run_dir / "summary.json"
     if summary_path.exists():
         claimed = json.loads(summary_path.read_text()).get("privacy", {}).get("user_level", {}).get("epsilon")
@@ -186,7 +264,8 @@ def check_plan(entry: dict[str, Any], config: RunConfig, sigma: dict[str, float]
     if not config.dp:
         return flags
     noise = float(plan.get("noise-multiplier", float("nan")))
-    configured = config.noise_multiplier if kind == "train" else config.prior_noise_multiplier
+    configured = {"train": config.noise_multiplier, "popularity": config.prior_noise_multiplier,
+                  "evaluate": config.eval_noise_multiplier}.get(kind, AUTO)
     if configured != AUTO and not math.isclose(noise, float(configured), rel_tol=1e-9):
         flags.append(Flag("error", "plan_differs_from_config",
                           f"round {rnd}: noise-multiplier {noise}, config says {configured}", round=rnd))
@@ -208,6 +287,27 @@ def check_plan(entry: dict[str, Any], config: RunConfig, sigma: dict[str, float]
     return flags
 
 
+def attempts(entries: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any] | None]]:
+    """Each attempt of a round as (its write-ahead line, its outcome line or None if it never completed).
+
+    A ledger from before write-ahead lines has outcome lines only; each is then its own attempt.
+    """
+    out: list[tuple[dict[str, Any], dict[str, Any] | None]] = []
+    open_: dict[tuple[str, int, int], int] = {}  # attempts written ahead, not yet completed -> index in out
+    for entry in entries:
+        key = (entry.get("kind", "train"), int(entry["round"]), int(entry.get("attempt", 0)))
+        status = entry.get("status", "done")
+        if status == "sent":
+            open_[key] = len(out)
+            out.append((entry, None))
+        elif key in open_:
+            index = open_.pop(key)
+            out[index] = (out[index][0], entry)
+        else:
+            out.append((entry, entry))
+    return out
+
+
 def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, Any]:
     """The machine-readable verdict (also the body of audit.json)."""
     run_dir = Path(run_dir)
@@ -216,16 +316,27 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
     devices: dict[str, DeviceAudit] = {}
     sigma: dict[str, float] = {}
     seen_rounds: set[tuple[str, int]] = set()
-    for entry in entries:
-        rnd, kind = int(entry["round"]), entry.get("kind", "train")
+    for sent, done in attempts(entries):
+        rnd, kind = int(sent["round"]), sent.get("kind", "train")
         if (kind, rnd) in seen_rounds:
-            flags.append(Flag("info", "round_repeated", f"round {rnd} appears again (a resumed run re-ran it); "
-                                                        "devices are charged for both", round=rnd))
+            flags.append(Flag("info", "round_repeated", f"{kind} round {rnd} was started again (a resumed run re-ran "
+                                                        "it); devices are charged for every attempt", round=rnd))
         seen_rounds.add((kind, rnd))
-        flags.extend(check_plan(entry, config, sigma))
-        steps = plan_steps(entry)
-        reported = entry.get("epsilon_reported", {})
-        for device in entry.get("trained", []):
+        flags.extend(check_plan(sent, config, sigma))
+        if done is not None and done is not sent and \
+                (done.get("plan"), done.get("privacy_steps")) != (sent.get("plan"), sent.get("privacy_steps")):
+            flags.append(Flag("error", "ledger_lines_disagree", f"{kind} round {rnd}: the outcome line's plan differs "
+                                                                "from the plan written ahead of sending", round=rnd))
+        steps = plan_steps(sent)
+        if done is None:
+            flags.append(Flag("info", "round_unfinished", f"{kind} round {rnd} was sent but never completed (the "
+                                                          "server stopped); every device asked is charged for it",
+                              round=rnd))
+            for device in sent.get("asked", []):
+                devices.setdefault(device, DeviceAudit(device)).unseen_steps.extend(steps)
+            continue
+        reported = done.get("epsilon_reported", {})
+        for device in done.get("trained", []):
             audit = devices.setdefault(device, DeviceAudit(device))
             audit.rounds.append(rnd)
             audit.steps.extend(steps)
@@ -233,12 +344,15 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
             if device not in reported and config.dp:
                 flags.append(Flag("error", "epsilon_not_reported", f"round {rnd}: {device} released an update but "
                                                                    "reported no epsilon", device=device, round=rnd))
+        for device in [*done.get("rejected", {}), *done.get("failed", {})]:
+            devices.setdefault(device, DeviceAudit(device)).unseen_steps.extend(steps)
         for device, eps in reported.items():
-            devices.setdefault(device, DeviceAudit(device)).reported = float(eps)
+            devices.setdefault(device, DeviceAudit(device)).reported = math.inf if eps is None else float(eps)
     for audit in devices.values():
         compact = _compact(audit.steps)
         audit.recomputed_rdp = rdp_epsilon(compact, config.delta)
         audit.recomputed_pld = pld_epsilon(compact, config.delta)
+        audit.charged_rdp = rdp_epsilon(_compact([*audit.steps, *audit.unseen_steps]), config.delta)
         flags.extend(_device_flags(audit, config, tolerance))
     user_level, user_flags = audit_user_level(entries, config, run_dir, tolerance)
     result = _verdict(config, devices, flags + user_flags, tolerance, run_dir)
@@ -251,27 +365,31 @@ def _device_flags(audit: DeviceAudit, config: RunConfig, tolerance: float) -> li
     if not config.dp:
         return []
     flags = []
-    recomputed, reported = audit.recomputed_rdp, audit.reported
+    recomputed, charged, reported = audit.recomputed_rdp, audit.charged_rdp, audit.reported
     if reported is not None:
-        gap = (reported - recomputed) / max(recomputed, 1e-12)
-        if gap < -tolerance:
+        if reported < recomputed * (1 - tolerance) - 1e-12:
             flags.append(Flag("error", "epsilon_under_reported", f"{audit.device} reported epsilon {reported:.6g}, "
-                              f"its participation implies {recomputed:.6g}", device=audit.device))
-        elif gap > tolerance:
-            flags.append(Flag("warning", "epsilon_over_reported", f"{audit.device} reported epsilon {reported:.6g}, "
-                              f"its participation implies only {recomputed:.6g}", device=audit.device))
+                              f"what the server received from it implies {recomputed:.6g}", device=audit.device))
+        elif reported > charged * (1 + tolerance) + 1e-12:
+            flags.append(Flag("error", "epsilon_over_reported", f"{audit.device} reported epsilon {reported:.6g}, "
+                              f"more than all it could have been charged ({charged:.6g}): the ledger misses "
+                              "releases", device=audit.device))
     if recomputed > config.epsilon_budget * (1 + tolerance):
         flags.append(Flag("error", "over_budget", f"{audit.device}: recomputed epsilon {recomputed:.6g} exceeds the "
                           f"budget {config.epsilon_budget}", device=audit.device))
+    elif charged > config.epsilon_budget * (1 + tolerance):
+        flags.append(Flag("warning", "may_be_over_budget", f"{audit.device}: charged with every release it may have "
+                          f"made unseen, epsilon {charged:.6g} exceeds the budget {config.epsilon_budget}",
+                          device=audit.device))
     return flags
 
 
 def _verdict(config: RunConfig, devices: dict[str, DeviceAudit], flags: list[Flag], tolerance: float,
              run_dir: Path) -> dict[str, Any]:
-    reported = [d.reported for d in devices.values() if d.reported is not None]
+    reported = [d.reported for d in devices.values() if d.reported is not None and math.isfinite(d.reported)]
     recomputed = np.array([d.recomputed_rdp for d in devices.values()]) if devices else np.zeros(0)
     diffs = [abs(d.reported - d.recomputed_rdp) / max(d.recomputed_rdp, 1e-12)
-             for d in devices.values() if d.reported is not None and d.recomputed_rdp > 0]
+             for d in devices.values() if d.reported is not None and math.isfinite(d.reported) and d.recomputed_rdp > 0]
     worst = max(devices.values(), key=lambda d: d.recomputed_rdp, default=None)
     errors = [f for f in flags if f.severity == "error"]
     return {
@@ -284,6 +402,7 @@ def _verdict(config: RunConfig, devices: dict[str, DeviceAudit], flags: list[Fla
         "epsilon_max_reported": max(reported) if reported else 0.0,
         "epsilon_max_recomputed": float(recomputed.max()) if len(recomputed) else 0.0,
         "epsilon_max_recomputed_pld": max((d.recomputed_pld for d in devices.values()), default=0.0),
+        "epsilon_max_charged": max((d.charged_rdp for d in devices.values()), default=0.0),
         "epsilon_percentiles_recomputed": {f"p{p}": float(np.percentile(recomputed, p)) if len(recomputed) else 0.0
                                            for p in (50, 90, 99)},
         "max_relative_diff": max(diffs, default=0.0),
@@ -298,7 +417,12 @@ def _verdict(config: RunConfig, devices: dict[str, DeviceAudit], flags: list[Fla
                         "reference": "dp-accounting PLD (tighter)"},
         "assumptions": {"neighbouring": NEIGHBOURING, "sampling": SAMPLING, "not_covered": NOT_COVERED},
         "flags": [asdict(f) for f in flags],
-        "per_device": {d.device: {"rounds": d.rounds, "reported": d.reported, "recomputed_rdp": d.recomputed_rdp,
-                                  "recomputed_pld": d.recomputed_pld} for d in sorted(devices.values(),
+        "per_device": {d.device: {"rounds": d.rounds, "reported": _json_number(d.reported),
+                                  "recomputed_rdp": d.recomputed_rdp, "recomputed_pld": d.recomputed_pld,
+                                  "charged_rdp": d.charged_rdp} for d in sorted(devices.values(),
                                                                                         key=lambda a: a.device)},
     }
+
+
+def _json_number(value: float | None) -> float | None:
+    return value if value is None or math.isfinite(value) else None

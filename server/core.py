@@ -6,7 +6,10 @@ Shared by the Flower round loop (server/loop.py) and the plain loop without Flow
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import secrets
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy.stats import binom
@@ -21,8 +24,9 @@ from fedrec.shared.training import LocalTrainingPlan
 
 from .aggregation import ServerOptimizer
 
+
 PARTICIPATION_QUANTILE = 0.9  # 'auto' sigma keeps 90% of devices within budget for the whole run
-TRAIN_SALT, EVAL_SALT = 0x7A1, 0xE7A1
+TRAIN_SALT, EVAL_SALT, CENTRAL_NOISE_SALT = 0x7A1, 0xE7A1, 0xCE27
 POPULARITY_ROUND = 0
 PRIOR_BUDGET_SHARE = 0.5  # 'auto' prior noise: the report alone reaches half the budget (RDP composes sub-additively)
 
@@ -32,21 +36,86 @@ def initial_tables(config: RunConfig, catalogue: Catalogue) -> ItemTables:
                                categories=catalogue.categories, category_scale=config.category_init)
 
 
-def sample_devices(device_ids: Iterable[str], count: int, *, seed: int, server_round: int, salt: int,
+@dataclass(frozen=True)
+class ServerRandomness:
+    """Where the server's privacy-relevant random numbers (central noise, device sampling) come from.
+
+    Seeded (simulation): one generator per (seed, round, attempt, salt), reproducible, and exactly
+    as secret as config.json, which holds the seed; whoever reads it can subtract the central noise
+    and knows who was sampled, so neither the noise nor the sampling amplification holds against them.
+    OS entropy (deployment): 128 fresh bits from the OS (`secrets`) for every generator, so nothing in
+    the run directory determines them. Either way every attempt of a round (a round re-run after a
+    resume) gets its own generator, so no noise is ever reused.
+    """
+
+    seed: int | None  # None: OS entropy
+
+    @classmethod
+    def seeded(cls, seed: int) -> ServerRandomness:
+        return cls(int(seed))
+
+    @classmethod
+    def from_os(cls) -> ServerRandomness:
+        return cls(None)
+
+    @classmethod
+    def for_grid(cls, grid: object, seed: int) -> ServerRandomness:
+        """Seeded only on Flower's in-memory simulation grid (`flwr simulate`/`run_simulation`); any other grid
+        (a deployment's HttpGrid to the SuperLink) gets OS entropy, so an unknown grid fails safe."""
+        from .registry import grid_is_simulated  # Flower stays out of the plain loop's import path
+
+        return cls.seeded(seed) if grid_is_simulated(grid) else cls.from_os()
+
+    @property
+    def reproducible(self) -> bool:
+        return self.seed is not None
+
+    def for_round(self, server_round: int, attempt: int, salt: int) -> np.random.Generator:
+        if server_round < 0 or attempt < 0 or salt < 0:
+            raise ValueError(f"round {server_round}, attempt {attempt}, salt {salt}: must be >= 0")
+        if self.seed is None:
+            return np.random.default_rng(secrets.randbits(128))
+        return np.random.default_rng([self.seed, server_round, attempt, salt])
+
+    def describe(self) -> str:
+        if self.seed is None:
+            return ("OS entropy (128 fresh bits per round attempt): not reproducible, not derivable from the run "
+                    "directory")
+        return (f"seeded from config seed {self.seed}: reproducible, not secret (whoever has config.json can "
+                "recompute the central noise and the device sampling)")
+
+
+def round_attempt(ledger: Iterable[Mapping[str, Any]], server_round: int, kind: str = "train") -> int:
+    """The next attempt's number: how often `server_round` was already started (its write-ahead ledger lines;
+    in a ledger without them, its lines)."""
+    return sum(1 for entry in ledger if entry.get("kind", "train") == kind and int(entry["round"]) == server_round
+               and entry.get("status", "sent") == "sent")
+
+
+def sample_devices(device_ids: Iterable[str], count: int, *, rng: np.random.Generator,
                    poisson: bool = False) -> list[str]:
-    """Devices for a round, seeded by (seed, round) over the sorted ids: reproducible.
+    """Devices for a round, drawn with `rng` over the sorted ids.
 
     Fixed: exactly `count` (all if fewer), without replacement. Poisson: each device
     independently with rate count / len(devices), as user-level DP amplification assumes.
+    `rng`: the round attempt's generator (ServerRandomness.for_round).
     """
     devices = sorted(device_ids)
-    rng = np.random.default_rng([seed, server_round, salt])
     if poisson:
         rate = min(1.0, count / max(len(devices), 1))
         return [d for d, keep in zip(devices, rng.random(len(devices)) < rate) if keep]
     if count <= 0 or count >= len(devices):
         return devices
     return sorted(devices[i] for i in rng.choice(len(devices), size=count, replace=False))
+
+
+def central_denominator(config: RunConfig, population: int) -> int:
+    """The fixed denominator of the mean under central noise: devices-per-round, capped by the population.
+
+    It is the expected (Poisson) or exact (fixed) sample size, set before anyone trains, so a device's
+    influence on the mean is S / D whoever declines or fails.
+    """
+    return max(1, min(int(config.devices_per_round), int(population)))
 
 
 def popularity_plan(config: RunConfig) -> PopularityPlan | None:
@@ -65,7 +134,7 @@ def noise_multiplier_for(config: RunConfig, population: int) -> float:
 
     'auto': the smallest sigma at which a device sampled in the 90th-percentile number of rounds
     (binomial in rounds x devices-per-round / population) just fits its epsilon budget, after
-    the popularity report it makes before training.
+    the popularity report it makes before training and the evaluation releases it makes (federated-eval).
     """
     if not config.dp:
         return 0.0
@@ -74,11 +143,26 @@ def noise_multiplier_for(config: RunConfig, population: int) -> float:
     rate = min(1.0, config.devices_per_round / max(population, 1))
     rounds_joined = max(1, int(binom.ppf(PARTICIPATION_QUANTILE, config.rounds, rate)))
     prior = popularity_plan(config)
+    releases = evaluation_releases(config, population)
+    fixed = [*(prior.privacy_steps() if prior else ()),
+             *([(config.eval_noise_multiplier, 1.0, releases)] if releases else [])]
     return calibrate_noise_multiplier(target_epsilon=config.epsilon_budget, delta=config.delta,
                                       sample_rate=config.sample_rate, steps=rounds_joined * config.local_steps,
                                       user_steps=rounds_joined * config.user_steps,
-                                      user_noise_ratio=config.user_noise_ratio,
-                                      fixed_history=prior.privacy_steps() if prior else ())
+                                      user_noise_ratio=config.user_noise_ratio, fixed_history=fixed)
+
+
+def evaluation_releases(config: RunConfig, population: int) -> int:
+    """Evaluation releases a device makes at the participation quantile (0 without federated-eval or DP).
+
+    The evaluations every eval-every rounds sample eval-devices of the population; the final one may ask
+    anyone, so it is counted for every device.
+    """
+    if not (config.federated_eval and config.dp):
+        return 0
+    middle = sum(1 for r in range(1, config.rounds) if r % config.eval_every == 0)
+    rate = 1.0 if config.eval_devices == 0 else min(1.0, config.eval_devices / max(population, 1))
+    return int(binom.ppf(PARTICIPATION_QUANTILE, middle, rate)) + 1
 
 
 AUTO_BOUND_EXAMPLES = 256  # clipped examples per step an honest update may carry under 'auto' (beyond: scaled down)
@@ -139,27 +223,33 @@ class ItemModelServer:
         self.tables = ItemTables(embedding=self.tables.embedding,
                                  bias=biases_from_counts(total, reports=reports, noise_multiplier=noise_multiplier))
 
-    def apply(self, total: PartialSum, plan: LocalTrainingPlan) -> dict[str, float]:
+    def apply(self, total: PartialSum, plan: LocalTrainingPlan, *, rng: np.random.Generator,
+              population: int) -> dict[str, float]:
         """Apply the round: the mean of the (already clipped) updates, central noise if configured, the optimizer.
 
+        Without central noise the mean is over the updates received. With it (user-level DP, see
+        server/user_privacy.py) the round releases (sum + N(0, (z S)^2)) / D with D = central_denominator(...)
+        fixed in advance: dividing by the realised count would make the scale of every update depend on who
+        trained. The noise is released even when nobody trained, so that event is not revealed either.
+        `rng`: the round attempt's generator (ServerRandomness.for_round(round, attempt, CENTRAL_NOISE_SALT)).
         Returns what happened: the mean delta's norm and how many updates the clip shortened.
         """
-        if total.count == 0:
+        central = self.config.central_noise_multiplier > 0
+        if total.count == 0 and not central:
             return {"mean_delta_norm": float("nan"), "clipped": 0}
-        mean = total.mean()
-        central_std = 0.0
-        if self.config.central_noise_multiplier > 0:
-            # User-level DP: N(0, (z S)^2) on the sum of clipped updates, i.e. (z S / n) on their mean.
-            central_std = self.config.central_noise_multiplier * float(self.config.delta_clip_norm) / total.count
-            rng = np.random.default_rng([self.config.seed, plan.server_round, 0xCE27])
-            mean = ((mean[0] + rng.normal(0.0, central_std, mean[0].shape)).astype(np.float32),
-                    (mean[1] + rng.normal(0.0, central_std, mean[1].shape)).astype(np.float32))
-        self.tables = self.optimizer.apply(self.tables, mean)
-        if self.optimizer.kind == "fedavg":
-            step_noise = self.optimizer.lr * plan.lr * plan.noise_multiplier * plan.clip_norm
-            self.noise_variance += step_noise**2 * plan.steps / total.count + (self.optimizer.lr * central_std) ** 2
+        step_noise = self.optimizer.lr * plan.lr * plan.noise_multiplier * plan.clip_norm
+        if central:
+            denominator = central_denominator(self.config, population)
+            sum_std = self.config.central_noise_multiplier * float(self.config.delta_clip_norm)
+            mean = tuple(((part + rng.normal(0.0, sum_std, part.shape)) / denominator).astype(np.float32)
+                         for part in (total.embedding, total.bias))
+            # local DP noise of `count` devices summed, over D; plus the central noise over D
+            variance = (step_noise**2 * plan.steps * total.count + (self.optimizer.lr * sum_std) ** 2) / denominator**2
         else:
-            self.noise_variance = float("nan")
+            mean = total.mean()
+            variance = step_noise**2 * plan.steps / total.count
+        self.tables = self.optimizer.apply(self.tables, mean)
+        self.noise_variance = self.noise_variance + variance if self.optimizer.kind == "fedavg" else float("nan")
         return {"mean_delta_norm": delta_norm(mean), "clipped": total.clipped}
 
     def serving_tables(self) -> ItemTables:

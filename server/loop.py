@@ -4,14 +4,18 @@ Round 0 (with the popularity prior): every device reports its items once with Ga
 the sum sets the item biases.
 Round r >= 1:
   1. sample `devices-per-round` known devices, seeded by (seed, r);
-  2. send each node hosting some of them the item tables, the round plan (lr, steps, q, sigma,
-     C, delta) and the names of its devices to train; requests expire after round-timeout, so a
-     device that comes back late does not train (and spend epsilon) for a round already closed;
-  3. sort the replies: trained (validated sum of clipped deltas), declined (budget), rejected
-     (bad reply), failed;
-  4. append the round to the privacy ledger (before aggregating: devices spent epsilon either way);
-  5. apply the uniform mean delta with the server optimizer and write a checkpoint;
-  6. every `eval-every` rounds, and after the last, evaluate on devices and append metrics.
+  2. write the round's plan and the devices asked to the privacy ledger, flushed to disk, before
+     anything is sent (write-ahead: a crash after this leaves the round charged in the audit);
+  3. send each node hosting some of them the item tables, the round plan (lr, steps, q, sigma,
+     C, delta), the names of its devices to train and the attempt's nonce (a round run again
+     draws fresh noise); requests expire after round-timeout, so a device that comes back late
+     does not train (and spend epsilon) for a round already closed;
+  4. sort the replies: trained (validated sum of clipped deltas), refused (the device's own
+     policy), declined (budget), rejected (bad reply), failed;
+  5. append the round's outcome to the ledger (before aggregating: devices spent epsilon either way);
+  6. apply the uniform mean delta with the server optimizer and write a checkpoint;
+  7. with federated-eval, every `eval-every` rounds and after the last, ask devices for their
+     noised metrics (a release charged to their budgets, ledgered like a round) and append them.
 """
 
 from __future__ import annotations
@@ -28,14 +32,17 @@ from flwr.serverapp import Grid
 
 from fedrec.shared import protocol as P
 from fedrec.shared.aggregation import PartialSum
-from fedrec.shared.config import RunConfig
+from fedrec.shared.config import ConfigError, RunConfig
+from fedrec.shared.eval_release import RELEASED_METRICS, EvaluationPlan
 from fedrec.shared.model import ItemTables
 
 from .core import (
+    CENTRAL_NOISE_SALT,
     EVAL_SALT,
     POPULARITY_ROUND,
     TRAIN_SALT,
     ItemModelServer,
+    ServerRandomness,
     noise_multiplier_for,
     popularity_plan,
     round_plan,
@@ -43,9 +50,9 @@ from .core import (
     update_bound,
 )
 from .records import LEDGER, METRICS, Checkpoint, RunRecords
-from .registry import DeviceRegistry
-from .replies import Asked, EvalReplies, TrainReplies, sort_eval_replies, sort_popularity_replies, sort_train_replies
-from .user_privacy import central_record
+from .registry import DeviceRegistry, grid_is_simulated
+from .replies import Asked, TrainReplies, sort_eval_replies, sort_popularity_replies, sort_train_replies
+from .user_privacy import central_record, popularity_record
 
 log = logging.getLogger("fedrec.server")
 
@@ -63,8 +70,8 @@ class TooFewDevices(RuntimeError):
     """Fewer devices online than `min-devices`, even after waiting `node-wait-timeout`."""
 
 
-def _cohort(devices: list[str], *, delta_clip: float = 0.0) -> ConfigRecord:
-    return ConfigRecord({P.DEVICE_IDS: devices, P.DELTA_CLIP: delta_clip})
+def _cohort(devices: list[str], *, nonce: int, delta_clip: float = 0.0) -> ConfigRecord:
+    return ConfigRecord({P.DEVICE_IDS: devices, P.DELTA_CLIP: delta_clip, P.NONCE: nonce})
 
 
 def _tables_record(tables: ItemTables) -> ArrayRecord:
@@ -81,6 +88,20 @@ class Federation:
         self.model = ItemModelServer(config, initial_tables)
         self.first_round = 1
         self.noise_multiplier = math.nan
+        self.restored = False
+        self.randomness = ServerRandomness.for_grid(grid, config.seed)
+        if config.resume and not config.state_dir and grid_is_simulated(grid):
+            # Simulated devices would keep their state in Flower's Context, which a new run starts empty:
+            # every device would come back with a fresh budget.
+            raise ConfigError("resume=true: device state is not durable (state-dir is empty, so simulated devices "
+                              "keep it in memory and would restart with empty privacy histories); set state-dir "
+                              "to the folder the run's devices wrote, or start a new run")
+        # Attempts already written ahead per (kind, round): a round run again gets the next nonce.
+        self.attempts: dict[tuple[str, int], int] = {}
+        for entry in records.read_jsonl(LEDGER):
+            if entry.get("status") == "sent":
+                key = (str(entry["kind"]), int(entry["round"]))
+                self.attempts[key] = self.attempts.get(key, 0) + 1
 
     def run(self) -> FederationResult:
         cfg = self.config
@@ -88,7 +109,7 @@ class Federation:
         self._restore_or_start()
         log.info("federation: %d devices, rounds %d..%d, %d per round, dp=%s sigma=%.4f", len(self.registry.node_of),
                  self.first_round, cfg.rounds, cfg.devices_per_round, cfg.dp, self.noise_multiplier)
-        if self.first_round == 1 and popularity_plan(cfg) is not None:
+        if not self.restored and popularity_plan(cfg) is not None:  # once per run: never again after a resume
             self._popularity_round()
         last = cfg.rounds
         stopped = ""
@@ -101,10 +122,10 @@ class Federation:
                           server_round, err, last)
                 break
             self._train_round(server_round)
-            if server_round % cfg.eval_every == 0 and server_round != cfg.rounds:
+            if cfg.federated_eval and server_round % cfg.eval_every == 0 and server_round != cfg.rounds:
                 self._evaluate(server_round, cfg.eval_devices, final=False)
         final = {}
-        if not stopped and self.first_round <= cfg.rounds:
+        if cfg.federated_eval and not stopped and self.first_round <= cfg.rounds:
             final = self._evaluate(last, cfg.final_eval_devices, final=True)
         return FederationResult(tables=self.model.serving_tables(), noise_multiplier=self.noise_multiplier,
                                 final_eval=final, devices=len(self.registry.node_of), stopped=stopped)
@@ -129,6 +150,7 @@ class Federation:
             self.model.noise_variance = checkpoint.noise_variance
             self.noise_multiplier = checkpoint.noise_multiplier
             self.first_round = checkpoint.server_round + 1
+            self.restored = True
             log.info("resuming after round %d from %s", checkpoint.server_round, self.records.path)
             return
         self.noise_multiplier = noise_multiplier_for(self.config, len(self.registry.node_of))
@@ -138,28 +160,47 @@ class Federation:
         cfg, plan = self.config, popularity_plan(self.config)
         started = time.monotonic()
         asked = self.registry.group(sorted(self.registry.node_of))
-        messages = [Message(RecordDict({P.PRIOR: ConfigRecord(plan.to_config()), P.COHORT: _cohort(devices)}),
+        nonce = self._write_ahead(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), asked)
+        messages = [Message(RecordDict({P.PRIOR: ConfigRecord(plan.to_config()),
+                                        P.COHORT: _cohort(devices, nonce=nonce)}),
                             dst_node_id=node, message_type=P.POPULARITY_MESSAGE, ttl=cfg.round_timeout)
                     for node, devices in asked.items()]
         replies = sort_popularity_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
                                           self.num_items, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
-        self._record_round(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), asked, replies)
+        self._record_round(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), asked, replies,
+                           popularity_record(plan, num_items=self.num_items), nonce=nonce)
         self.model.set_popularity(replies.ordered_parts(asked), noise_multiplier=plan.noise_multiplier)
         self._checkpoint(POPULARITY_ROUND)
         log.info("popularity prior from %d devices (%d declined, %d rejected, %d failed) in %.1fs",
                  len(replies.trained), len(replies.declined), len(replies.rejected), len(replies.failed),
                  time.monotonic() - started)
 
-    def _record_round(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
-                      asked: Asked, replies: TrainReplies, central: dict[str, Any] | None = None) -> None:
-        """Append the round to the privacy ledger before anything else happens with its replies."""
+    def _write_ahead(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
+                     asked: Asked) -> int:
+        """Ledger the round before any request leaves (flushed to disk); returns the attempt's nonce.
+
+        If the server dies after this line, the audit still charges every device asked. The nonce is
+        the attempt number: a round run again after a resume tells devices to draw fresh noise.
+        """
+        attempt = self.attempts.get((kind, server_round), 0)
+        self.attempts[(kind, server_round)] = attempt + 1
         self.records.append(LEDGER, {
-            "round": server_round, "kind": kind, "time": time.time(), "plan": plan,
-            "privacy_steps": [list(step) for step in privacy_steps],
+            "status": "sent", "round": server_round, "kind": kind, "attempt": attempt, "time": time.time(),
+            "plan": plan, "privacy_steps": [list(step) for step in privacy_steps],
+            "asked": sorted(d for devices in asked.values() for d in devices)})
+        return attempt
+
+    def _record_round(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
+                      asked: Asked, replies: TrainReplies, central: dict[str, Any] | None = None, *,
+                      nonce: int) -> None:
+        """Append the round's outcome to the privacy ledger before anything else happens with its replies."""
+        self.records.append(LEDGER, {
+            "status": "done", "round": server_round, "kind": kind, "attempt": nonce, "time": time.time(),
+            "plan": plan, "privacy_steps": [list(step) for step in privacy_steps],
             "asked": sorted(d for devices in asked.values() for d in devices), "trained": replies.trained,
-            "declined": replies.declined,
+            "declined": replies.declined, "refused": dict(sorted(replies.refused.items())),
             "rejected": replies.rejected, "failed": replies.failed,
-            "epsilon_reported": {d: replies.epsilon[d] for d in sorted(replies.epsilon)},
+            "epsilon_reported": {d: _json_epsilon(replies.epsilon[d]) for d in sorted(replies.epsilon)},
             **({"central": central} if central else {}),
         })
 
@@ -173,59 +214,98 @@ class Federation:
         cfg = self.config
         started = time.monotonic()
         self.registry.refresh()
-        chosen = sample_devices(self.registry.node_of, cfg.devices_per_round, seed=cfg.seed, server_round=server_round,
-                                salt=TRAIN_SALT, poisson=cfg.device_sampling == "poisson")
+        population = len(self.registry.node_of)
+        attempt = self.attempts.get(("train", server_round), 0)
+        chosen = sample_devices(self.registry.node_of, cfg.devices_per_round,
+                                rng=self.randomness.for_round(server_round, attempt, TRAIN_SALT),
+                                poisson=cfg.device_sampling == "poisson")
         plan = round_plan(cfg, server_round, self.noise_multiplier)
         tables = _tables_record(self.model.tables)
         bound = update_bound(cfg, plan, self.num_items, self.model.tables.dim)
         asked = self.registry.group(chosen)
+        nonce = self._write_ahead(server_round, "train", plan.to_config(), plan.privacy_steps(), asked)
         messages = [Message(RecordDict({P.TABLES: tables, P.PLAN: ConfigRecord(plan.to_config()),
-                                        P.COHORT: _cohort(devices, delta_clip=bound)}),
+                                        P.COHORT: _cohort(devices, nonce=nonce, delta_clip=bound)}),
                             dst_node_id=node, message_type="train", ttl=cfg.round_timeout)
                     for node, devices in asked.items()]
         replies = sort_train_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
                                      self.model.tables, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget,
                                      delta_clip=bound)
-        central = central_record(cfg, population=len(self.registry.node_of), contributors=len(replies.trained))
-        self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies, central)
+        central = central_record(cfg, population=population, contributors=len(replies.trained))
+        self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies, central,
+                           nonce=nonce)
         total = PartialSum.zeros(self.num_items, self.model.tables.dim)
         for part in replies.ordered_parts(asked):
             total.merge(part)
-        applied = self.model.apply(total, plan)
+        applied = self.model.apply(total, plan, rng=self.randomness.for_round(server_round, nonce, CENTRAL_NOISE_SALT),
+                                   population=population)
         self._checkpoint(server_round)
         eps = list(replies.epsilon.values())
         line = {"round": server_round, "seconds": round(time.monotonic() - started, 3),
-                "trained": len(replies.trained), "declined": len(replies.declined),
+                "trained": len(replies.trained), "declined": len(replies.declined), "refused": len(replies.refused),
                 "rejected": len(replies.rejected), "failed": len(replies.failed),
-                "epsilon_max_reported": max(eps) if eps else 0.0, **applied}
+                "epsilon_max_reported": _json_epsilon(max(eps)) if eps else 0.0, **applied}
         self.records.append(METRICS, {"kind": "train", **line})
-        log.info("round %d/%d: %d trained, %d declined, %d rejected, %d failed, eps max %.3f (%.1fs)",
-                 server_round, cfg.rounds, line["trained"], line["declined"], line["rejected"], line["failed"],
-                 line["epsilon_max_reported"], line["seconds"])
+        log.info("round %d/%d: %d trained, %d declined, %d refused, %d rejected, %d failed, eps max %s (%.1fs)",
+                 server_round, cfg.rounds, line["trained"], line["declined"], line["refused"], line["rejected"],
+                 line["failed"], max(eps) if eps else 0.0, line["seconds"])
+        if replies.refused:
+            log.warning("round %d: devices refused the plan by their own policy: %s", server_round,
+                        _rule_counts(replies.refused))
 
-    def _evaluate(self, server_round: int, count: int, *, final: bool) -> dict[str, float]:
+    def _evaluate(self, server_round: int, count: int, *, final: bool) -> dict[str, Any]:
+        """Ask devices for a release of their metrics (noised on the device, charged to its budget)."""
         cfg = self.config
         started = time.monotonic()
         self.registry.refresh()
-        chosen = sample_devices(self.registry.node_of, count, seed=cfg.seed, server_round=server_round, salt=EVAL_SALT)
-        settings = {"server-round": server_round, "target": "test", "refit-l2": cfg.refit_l2, "sampled-seed": cfg.seed}
+        attempt = self.attempts.get(("evaluate", server_round), 0)
+        chosen = sample_devices(self.registry.node_of, count, rng=self.randomness.for_round(server_round, attempt,
+                                                                                           EVAL_SALT))
+        plan = evaluation_plan(cfg, server_round)
         tables = _tables_record(self.model.serving_tables())
         asked = self.registry.group(chosen)
-        messages = [Message(RecordDict({P.TABLES: tables, P.EVAL: ConfigRecord(settings), P.COHORT: _cohort(devices)}),
+        nonce = self._write_ahead(server_round, "evaluate", plan.to_config(), plan.privacy_steps(), asked)
+        messages = [Message(RecordDict({P.TABLES: tables, P.EVAL: ConfigRecord(plan.to_config()),
+                                        P.COHORT: _cohort(devices, nonce=nonce)}),
                             dst_node_id=node, message_type="evaluate", ttl=cfg.round_timeout)
                     for node, devices in asked.items()]
-        replies = sort_eval_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked)
-        metrics = average_metrics(replies)
+        replies = sort_eval_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
+                                    dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
+        self._record_round(server_round, "evaluate", plan.to_config(), plan.privacy_steps(), asked, replies,
+                           nonce=nonce)
+        metrics = average_metrics(replies, plan)
         self.records.append(METRICS, {"kind": "final_evaluate" if final else "evaluate", "round": server_round,
                                       "seconds": round(time.monotonic() - started, 3), **metrics})
-        log.info("evaluation after round %d on %d devices: hr@10 %.4f ndcg@10 %.4f recall@20 %.4f", server_round,
-                 metrics["devices"], metrics.get("hr@10", math.nan), metrics.get("ndcg@10", math.nan),
-                 metrics.get("recall@20", math.nan))
+        log.info("evaluation after round %d on %d devices (noised on each device, std %.3g per metric): hr@10 %.4f "
+                 "ndcg@10 %.4f recall@20 %.4f", server_round, metrics["devices"], plan.metric_std,
+                 metrics.get("hr@10", math.nan), metrics.get("ndcg@10", math.nan), metrics.get("recall@20", math.nan))
         return metrics
 
 
-def average_metrics(replies: EvalReplies) -> dict[str, Any]:
-    keys = sorted({k for m in replies.metrics.values() for k in m})
-    out: dict[str, Any] = {k: float(np.mean([m[k] for m in replies.metrics.values() if k in m])) for k in keys}
-    out.update(devices=len(replies.metrics), rejected=len(replies.rejected), failed=len(replies.failed))
+def evaluation_plan(config: RunConfig, server_round: int) -> EvaluationPlan:
+    return EvaluationPlan(server_round=server_round, dp=config.dp,
+                          noise_multiplier=config.eval_noise_multiplier if config.dp else 0.0, delta=config.delta,
+                          refit_l2=config.refit_l2)
+
+
+def average_metrics(replies: TrainReplies, plan: EvaluationPlan) -> dict[str, Any]:
+    """Mean of the released (noised) metrics, with the standard error their noise alone implies."""
+    released = [m for node in sorted(replies.parts) for m in replies.parts[node]]
+    out: dict[str, Any] = {k: float(np.mean([m[k] for m in released])) if released else None
+                           for k in RELEASED_METRICS}
+    out["noise_stderr"] = plan.metric_std / math.sqrt(len(released)) if released else None
+    out.update(devices=len(released), declined=len(replies.declined), refused=len(replies.refused),
+               rejected=len(replies.rejected), failed=len(replies.failed))
     return out
+
+
+def _json_epsilon(value: float) -> float | None:
+    """Epsilon for a JSON file: infinite (a release without DP) is null, never the non-JSON Infinity."""
+    return value if math.isfinite(value) else None
+
+
+def _rule_counts(refused: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for rule in refused.values():
+        counts[rule] = counts.get(rule, 0) + 1
+    return counts

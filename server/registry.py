@@ -18,6 +18,13 @@ from fedrec.shared import protocol as P
 log = logging.getLogger("fedrec.server")
 
 
+def grid_is_simulated(grid: Grid) -> bool:
+    """Devices behind Flower's in-memory grid are simulated (the simulation engine); any other grid is a deployment."""
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
 class DeviceRegistry:
     def __init__(self, grid: Grid, *, hello_timeout: float) -> None:
         self.grid = grid

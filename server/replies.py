@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Message
+from flwr.app import ArrayRecord, Message
 
 from fedrec.shared import protocol as P
 from fedrec.shared.aggregation import PartialSum, delta_norm
-from fedrec.shared.evaluation import DEVICE_METRIC_KEYS
+from fedrec.shared.eval_release import RELEASED_METRICS
 from fedrec.shared.model import ItemTables
+from fedrec.shared.policy import RULES
 
 log = logging.getLogger("fedrec.server")
 EPSILON_SLACK = 1e-9  # relative tolerance when comparing a reported epsilon to the budget
@@ -35,19 +36,13 @@ class TrainReplies:
     trained: list[str] = field(default_factory=list)
     epsilon: dict[str, float] = field(default_factory=dict)  # reported cumulative epsilon, trained or declined
     declined: list[str] = field(default_factory=list)
+    refused: dict[str, str] = field(default_factory=dict)  # device -> the policy rule the plan broke
     rejected: dict[str, str] = field(default_factory=dict)  # device -> reason
     failed: dict[str, str] = field(default_factory=dict)  # device -> error / no reply
 
     def ordered_parts(self, asked: Asked) -> list[Any]:
         """Payloads in the order of each node's first device: sums are added in a reproducible order."""
         return [self.parts[node] for node in sorted(self.parts, key=lambda n: asked[n][0])]
-
-
-@dataclass
-class EvalReplies:
-    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
-    rejected: dict[str, str] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
 
 
 def _check_identity(reply: Message, expected: list[str]) -> None:
@@ -58,20 +53,29 @@ def _check_identity(reply: Message, expected: list[str]) -> None:
         raise P.ProtocolError(f"reply speaks for devices {claimed}, but the node was asked about {expected}")
 
 
-def _finite(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(float(value)):
+def _finite(value: Any, what: str, *, allow_inf: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(float(value)) or \
+            (math.isinf(float(value)) and not allow_inf):
         raise P.ProtocolError(f"{what}={value!r} is not a finite number")
     return float(value)
 
 
-def _per_device(record: dict, key: str, count: int, what: str) -> list[float]:
+def _per_device(record: dict, key: str, count: int, what: str, *, allow_inf: bool = False) -> list[float]:
     values = record.get(key)
     if not isinstance(values, list) or len(values) != count:
         raise P.ProtocolError(f"{what}: '{key}' should list {count} value(s), one per device, got {values!r}")
-    return [_finite(v, f"{what}: '{key}'") for v in values]
+    return [_finite(v, f"{what}: '{key}'", allow_inf=allow_inf) for v in values]
 
 
-def _replies_by_node(replies: Iterable[Message], asked: Asked, out: TrainReplies | EvalReplies,
+def _refusals(reply: Message, count: int) -> list[str]:
+    """The policy rule each device's refusal names ('' for none); only known rule names are accepted."""
+    rules = reply.content[P.DEVICE].get(P.REFUSED, [""] * count)
+    if not isinstance(rules, list) or len(rules) != count or any(r and r not in RULES for r in rules):
+        raise P.ProtocolError(f"device record: '{P.REFUSED}' should list {count} rule name(s) from {list(RULES)}")
+    return [str(r) for r in rules]
+
+
+def _replies_by_node(replies: Iterable[Message], asked: Asked, out: TrainReplies,
                      ) -> Iterable[tuple[int, list[str], Message]]:
     """Replies of asked nodes (errors become failures); nodes that never answered are failed at the end."""
     answered = set()
@@ -128,8 +132,10 @@ def _sort_reports(replies: Iterable[Message], asked: Asked, record: str,
                 raise P.ProtocolError("reply has no report record")
             report = dict(reply.content[P.REPORT])
             declined = _per_device(report, "declined", len(devices), "report")
-            eps = _per_device(report, "epsilon", len(devices), "report")
-            if any(d not in (0.0, 1.0) for d in declined) or min(eps) < 0:
+            eps = _per_device(report, "epsilon", len(devices), "report", allow_inf=not dp)
+            rules = _refusals(reply, len(devices))
+            if any(d not in (0.0, 1.0) for d in declined) or min(eps) < 0 or \
+                    any(rule and not flag for rule, flag in zip(rules, declined)):
                 raise P.ProtocolError(f"report: declined={declined}, epsilon={eps} out of range")
             if dp and max(eps) > epsilon_budget * (1 + EPSILON_SLACK):
                 raise P.ProtocolError(f"reported epsilon {max(eps):.4f} exceeds the budget {epsilon_budget}")
@@ -139,36 +145,28 @@ def _sort_reports(replies: Iterable[Message], asked: Asked, record: str,
             if not trained and record in reply.content:
                 raise P.ProtocolError(f"every device declined but the reply carries a '{record}' record")
             if trained:
-                arrays = {k: np.asarray(a.numpy()) for k, a in reply.content[record].items()}
-                out.parts[node] = parse(arrays, len(trained), report)
+                payload = reply.content[record]
+                values = ({k: np.asarray(a.numpy()) for k, a in payload.items()} if isinstance(payload, ArrayRecord)
+                          else dict(payload))
+                out.parts[node] = parse(values, len(trained), report)
         except (P.ProtocolError, ValueError, TypeError) as err:
             out.rejected.update({d: str(err) for d in devices})
             log.warning("rejected the reply of node %d (%s): %s", node, _names(devices), err)
             continue
         out.trained += trained
-        out.declined += [d for d in devices if d not in trained]
+        out.refused.update({d: rule for d, rule in zip(devices, rules) if rule})
+        out.declined += [d for d, rule in zip(devices, rules) if d not in trained and not rule]
         out.epsilon.update(zip(devices, eps))
     out.trained.sort()
     out.declined.sort()
     return out
 
 
-def sort_eval_replies(replies: Iterable[Message], asked: Asked) -> EvalReplies:
-    out = EvalReplies()
-    for node, devices, reply in _replies_by_node(replies, asked, out):
-        try:
-            _check_identity(reply, devices)
-            if P.METRICS not in reply.content:
-                raise P.ProtocolError("reply has no metrics record")
-            metrics = dict(reply.content[P.METRICS])
-            keys = [*DEVICE_METRIC_KEYS, *sorted(k for k in metrics if k.startswith("sampled_"))]
-            values = {k: _per_device(metrics, k, len(devices), "metrics") for k in keys}
-            if any(not 0.0 <= v <= 1.0 for k in DEVICE_METRIC_KEYS for v in values[k]):
-                raise P.ProtocolError(f"metrics out of [0, 1]: { {k: values[k] for k in DEVICE_METRIC_KEYS} }")
-        except (P.ProtocolError, ValueError, TypeError) as err:
-            out.rejected.update({d: str(err) for d in devices})
-            log.warning("rejected the evaluation of node %d (%s): %s", node, _names(devices), err)
-            continue
-        for j, device in enumerate(devices):
-            out.metrics[device] = {k: v[j] for k, v in values.items()}
-    return out
+def sort_eval_replies(replies: Iterable[Message], asked: Asked, *, dp: bool, epsilon_budget: float) -> TrainReplies:
+    """Evaluation releases: per node, {device: noised metrics} of the devices that released (values may leave
+    [0, 1]: the noise is what makes them private, so only finiteness is checked)."""
+    def parse(record: dict, count: int, report: dict) -> list[dict[str, float]]:
+        values = {k: _per_device(record, k, count, "metrics") for k in RELEASED_METRICS}
+        return [{k: values[k][j] for k in RELEASED_METRICS} for j in range(count)]
+
+    return _sort_reports(replies, asked, P.METRICS, parse, dp=dp, epsilon_budget=epsilon_budget)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from typing import Any
 
@@ -13,6 +14,7 @@ from fedrec.shared.evaluation import METRIC_KEYS
 from fedrec.shared.model import ItemTables
 from fedrec.shared.ranking import evaluate_with_refit
 
+from .core import ServerRandomness
 from .records import LEDGER, RunRecords
 from .user_privacy import user_level_summary
 
@@ -29,24 +31,35 @@ def device_epsilons(records: RunRecords) -> tuple[dict[str, float], set[str], se
     released: set[str] = set()
     declined: set[str] = set()
     for entry in records.read_jsonl(LEDGER):
-        latest.update(entry.get("epsilon_reported", {}))
+        # the ledger writes an infinite epsilon (a release without DP) as null
+        latest.update({d: math.inf if e is None else float(e) for d, e in entry.get("epsilon_reported", {}).items()})
         released.update(entry.get("trained", []))
         declined.update(entry.get("declined", []))
     return latest, released, declined
 
 
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: an infinite epsilon is null (with a note)."""
+    return value if math.isfinite(value) else None
+
+
 def training_participants(records: RunRecords) -> set[str]:
-    return {d for entry in records.read_jsonl(LEDGER) if entry.get("kind") == "train" for d in entry["trained"]}
+    return {d for entry in records.read_jsonl(LEDGER) if entry.get("kind") == "train" for d in entry.get("trained", [])}
 
 
-def privacy_summary(config: RunConfig, records: RunRecords, noise_multiplier: float) -> dict[str, Any]:
-    """`privacy` of the summary: record-level epsilon per device, and user-level epsilon when central DP ran."""
+def privacy_summary(config: RunConfig, records: RunRecords, noise_multiplier: float, *,
+                    randomness: ServerRandomness) -> dict[str, Any]:
+    """`privacy` of the summary: record-level epsilon per device, and user-level epsilon when central DP ran.
+
+    `randomness`: the server's source of central noise and device sampling.
+    """
     latest, released, declined = device_epsilons(records)
     values = [latest[d] for d in sorted(released) if d in latest]
+    none = None if not config.dp else 0.0
     record_level: dict[str, Any] = {
         "delta": config.delta,
-        "epsilon_max": max(values) if values and config.dp else (None if not config.dp else 0.0),
-        "epsilon_median": statistics.median(values) if values and config.dp else (None if not config.dp else 0.0),
+        "epsilon_max": _finite(max(values)) if values and config.dp else none,
+        "epsilon_median": _finite(statistics.median(values)) if values and config.dp else none,
         "budget": config.epsilon_budget if config.dp else None,
         "devices_declined": len(declined),
         "devices_trained": len(training_participants(records)),
@@ -61,8 +74,14 @@ def privacy_summary(config: RunConfig, records: RunRecords, noise_multiplier: fl
     }
     if not config.dp:
         record_level["note"] = "DP disabled: updates are not private (epsilon is infinite)"
+    elif any(math.isinf(v) for v in values):
+        record_level["note"] = "some devices released without DP: their epsilon is infinite (null here)"
     out: dict[str, Any] = {"record_level": record_level}
-    user_level = user_level_summary(config, records.read_jsonl(LEDGER))
+    out["server_randomness"] = randomness.describe()
+    # the catalogue size bounds a popularity report's user-level norm
+    checkpoint = records.load_checkpoint() if config.central_noise_multiplier > 0 else None
+    user_level = user_level_summary(config, records.read_jsonl(LEDGER), randomness=randomness,
+                                    num_items=checkpoint.tables.num_items if checkpoint else None)
     if user_level is not None:
         out["user_level"] = user_level
     return out

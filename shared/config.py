@@ -101,6 +101,10 @@ class RunConfig:
     prior_noise_multiplier: float | str = _opt(AUTO, "noise multiplier of the popularity report (sensitivity 1), or "
                                                      "'auto': the report alone may spend half the epsilon budget",
                                                auto_ok=True, min_exclusive=0.0)
+    device_policy: str = _opt("", "simulation: every device's privacy policy, as 'key=value ...' pairs with the keys "
+                                  "of a deployed device's policy (see shared/policy.py), on top of epsilon-budget "
+                                  "and delta (its budget and largest delta); a deployed device ignores it and "
+                                  "follows its own settings")
     train_biases: bool = _opt(False, "also train the item biases with DP-SGD (they start from the prior)")
     grad_sample_mode: str = _opt(AUTO, "Opacus per-sample gradients: hooks | ghost | auto (ghost for large catalogues)",
                                  choices=("hooks", "ghost", AUTO))
@@ -128,6 +132,12 @@ class RunConfig:
     eval_every: int = _opt(10, "federated evaluation every N rounds (and always after the last)", min=1)
     eval_devices: int = _opt(100, "devices sampled for a federated evaluation round (0 = all)", min=0)
     final_eval_devices: int = _opt(0, "devices in the evaluation after the last round (0 = all)", min=0)
+    federated_eval: bool = _opt(False, "devices evaluate the model on their own held-out items and reply with their "
+                                       "metrics, Gaussian-noised and charged to their epsilon budget (false: no "
+                                       "evaluation leaves a device; a simulation still evaluates centrally)")
+    eval_noise_multiplier: float = _opt(5.0, "noise multiplier of a device's evaluation release (its metrics lie in "
+                                             "[0, 1], so the L2 sensitivity is the square root of their number)",
+                                        min_exclusive=0.0)
     refit_l2: float = _opt(3.0, "ridge penalty of the on-device user re-fit used for ranking", min_exclusive=0.0)
     baselines: bool = _opt(True, "simulation: after the run, evaluate the model and the random, popularity and central "
                                  "MF baselines centrally on every device (false: the federated evaluation only)")
@@ -177,6 +187,12 @@ class RunConfig:
 
     def to_mapping(self) -> dict[str, Any]:
         return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def without_dp(self) -> RunConfig:
+        """The same run without DP: the plans (dp=false) and the devices' policy (allow-no-dp=true), since a
+        device's own policy, not the plan, decides whether it ever trains without DP."""
+        policy = " ".join(p for p in (self.device_policy, "allow-no-dp=true") if p)
+        return dataclasses.replace(self, dp=False, device_policy=policy)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

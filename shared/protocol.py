@@ -3,17 +3,19 @@
 A node hosts one device (deployment) or a shard of simulated devices (cohort engine); every
 request names the devices it is for, and every reply lists per-device reports in that order.
 Train request:  tables {item-embedding, item-bias} + plan (LocalTrainingPlan as config)
-                + cohort {device-ids, delta-clip-norm}
+                + cohort {device-ids, delta-clip-norm, attempt-nonce}
 Train reply:    delta {item-embedding-delta, item-bias-delta}: the sum of the updates of the
                 devices that trained, each clipped to delta-clip-norm (absent when none trained)
-                + report {declined: [0|1 per device], epsilon: [per device], clipped}
-                + device {device-ids}
-Eval request:   tables + eval {server-round, target, refit-l2, sampled-seed} + cohort
-Eval reply:     metrics {hr@10: [per device], ndcg@10, recall@20, sampled_*} + device
+                + report {declined: [0|1 per device: refused or declined], epsilon: [per device], clipped}
+                + device {device-ids, refused: [policy rule per device, '' if none]}
+Eval request:   tables + eval (EvaluationPlan as config) + cohort
+Eval reply:     metrics {hr@10, ndcg@10, recall@20: [per device that released, noised]}
+                + report + device
 Popularity:     request prior (PopularityPlan) + cohort; reply counts {item-counts} (the sum
                 of the reporting devices' noisy indicators; absent when all declined)
                 + report + device
 Hello (query):  reply device {device-ids} (the devices the node hosts)
+Errors:         a code naming the kind of error (never its message, which may quote data)
 Nothing else leaves a device: no user row, no data size, no loss. With one device per node
 the sum is that device's own clipped update, so the server sees exactly what it sent.
 """
@@ -43,6 +45,8 @@ EMBEDDING_DELTA, BIAS_DELTA = "item-embedding-delta", "item-bias-delta"
 DEVICE_IDS = "device-ids"
 COHORT = "cohort"
 DELTA_CLIP = "delta-clip-norm"
+NONCE = "attempt-nonce"
+REFUSED = "refused"
 
 
 class ProtocolError(ValueError):
@@ -103,3 +107,11 @@ def device_ids(record: Mapping[str, object], what: str) -> list[str]:
     if not isinstance(ids, list) or not all(isinstance(d, str) for d in ids) or len(set(ids)) != len(ids):
         raise ProtocolError(f"{what}: '{DEVICE_IDS}' should be a list of distinct strings, got {ids!r}")
     return ids
+
+
+def nonce(cohort: Mapping[str, object]) -> int:
+    """The attempt nonce of a request (0 when absent): every attempt of a round draws fresh noise."""
+    value = cohort.get(NONCE, 0) if hasattr(cohort, "get") else 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolError(f"cohort: '{NONCE}' should be an integer, got {value!r}")
+    return value

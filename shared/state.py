@@ -30,8 +30,10 @@ class DeviceState:
     device_id: str
     user_row: np.ndarray | None = None  # float32 [dim]; None until the first round
     history: tuple[HistoryEntry, ...] = ()
-    rounds: tuple[int, ...] = ()  # server rounds this device trained in
+    rounds: tuple[int, ...] = ()  # server rounds this device trained (or reported, or evaluated) in
     declined: tuple[int, ...] = field(default=())  # server rounds it declined for budget
+    refused: tuple[tuple[int, str], ...] = ()  # (server round, policy rule) of every plan it refused
+    non_private: bool = False  # it once released something without DP (its own policy allowed it): epsilon is inf
 
     def to_bytes(self) -> bytes:
         payload = {
@@ -41,6 +43,8 @@ class DeviceState:
             "history": [list(h) for h in self.history],
             "rounds": list(self.rounds),
             "declined": list(self.declined),
+            "refused": [[r, rule] for r, rule in self.refused],
+            "non_private": self.non_private,
         }
         body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return json.dumps({"sha256": hashlib.sha256(body.encode()).hexdigest(), "state": payload},
@@ -61,7 +65,9 @@ class DeviceState:
                        user_row=None if row is None else np.asarray(row, dtype=np.float32),
                        history=tuple(normalize_history(payload["history"])),
                        rounds=tuple(int(r) for r in payload["rounds"]),
-                       declined=tuple(int(r) for r in payload["declined"]))
+                       declined=tuple(int(r) for r in payload["declined"]),
+                       refused=tuple((int(r), str(rule)) for r, rule in payload.get("refused", [])),
+                       non_private=bool(payload.get("non_private", False)))
         except StateError:
             raise
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:

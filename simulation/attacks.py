@@ -148,7 +148,8 @@ def canary_audit(view: ServerView, population: CanaryPopulation) -> dict[str, An
 
 
 def attack_config(base: RunConfig, *, dp: bool) -> RunConfig:
-    return base.replace(dp=dp, out_dir="", state_dir="", resume=False)
+    base = base.replace(out_dir="", state_dir="", resume=False)
+    return base if dp else base.without_dp()
 
 
 def run_attacks(config: RunConfig) -> dict[str, Any]:

@@ -111,10 +111,11 @@ def _is_ray(pid: int) -> bool:
 
 def cell_config(cell: Cell, *, rounds: int, engine: str, out_dir: str) -> RunConfig:
     # eval_every = rounds: no evaluation between training rounds, one small final evaluation.
-    return RunConfig().replace(dataset="synthetic", devices=cell.population, synthetic_items=cell.items,
-                               embedding_dim=cell.dim, devices_per_round=cell.devices_per_round, rounds=rounds,
-                               dp=cell.dp, eval_every=rounds, eval_devices=10, final_eval_devices=20,
-                               baselines=False, out_dir=out_dir, simulation_engine=engine)
+    config = RunConfig().replace(dataset="synthetic", devices=cell.population, synthetic_items=cell.items,
+                                 embedding_dim=cell.dim, devices_per_round=cell.devices_per_round, rounds=rounds,
+                                 eval_every=rounds, eval_devices=10, final_eval_devices=20,
+                                 baselines=False, out_dir=out_dir, simulation_engine=engine)
+    return config if cell.dp else config.without_dp()
 
 
 def run_cell(cell: Cell, *, rounds: int, engine: str, verbose: bool = False) -> dict[str, Any]:

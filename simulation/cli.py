@@ -60,14 +60,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     for attr, key in SIMULATE_FLAGS.items():
         if getattr(args, attr) is not None:
             mapping[key] = getattr(args, attr)
-    if args.no_dp:
-        mapping["dp"] = False
     mapping["resume"] = bool(args.resume)
     if not mapping.get("out-dir"):
         from fedrec.server.records import default_run_dir
 
         mapping["out-dir"] = str(default_run_dir())
-    return RunConfig.from_mapping(mapping, source="fedrec simulate")
+    config = RunConfig.from_mapping(mapping, source="fedrec simulate")
+    return config.without_dp() if args.no_dp and not args.resume else config
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -105,13 +104,17 @@ def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from fedrec.shared.data.loaders import load_dataset
     from fedrec.shared.data.prepare import PrepareSettings, prepare_log
+    from fedrec.shared.data.prepared import SERVER_FOLDER, refuse_inside_flower_app
 
     config = RunConfig.from_mapping({"dataset": args.dataset, "data-path": args.data_path, **data_overrides(args)},
                                     source="fedrec prepare")
     settings = PrepareSettings(min_user_items=config.min_user_items, min_item_users=config.min_item_users,
                                device_files=not args.no_device_files)
-    stats = prepare_log(load_dataset(config), Path(args.out), dataset=args.dataset, settings=settings)
-    print(f"prepared {stats['devices']} devices, {stats['items']} items, {stats['events']} events in {args.out}")
+    out = Path(args.out)
+    refuse_inside_flower_app(out, "--out")  # before reading the raw data: fail fast
+    stats = prepare_log(load_dataset(config), out, dataset=args.dataset, settings=settings)
+    print(f"prepared {stats['devices']} devices, {stats['items']} items, {stats['events']} events in {out}; "
+          f"the server's folder (catalogue and manifest only) is {out / SERVER_FOLDER}")
     return 0
 
 
@@ -238,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--rounds", type=int, help=help_of["rounds"])
     sim.add_argument("--devices", type=int, help=help_of["devices"])
     sim.add_argument("--devices-per-round", type=int, help=help_of["devices-per-round"])
-    sim.add_argument("--no-dp", action="store_true", help="train without differential privacy (baseline)")
+    sim.add_argument("--no-dp", action="store_true", help="train without differential privacy (baseline): sets the "
+                                                          "plans and the devices' policy (allow-no-dp=true)")
     sim.add_argument("--noise-multiplier", help=help_of["noise-multiplier"])
     sim.add_argument("--epsilon-budget", type=float, help=help_of["epsilon-budget"])
     sim.add_argument("--seed", type=int, help=help_of["seed"])
@@ -315,10 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("-k", type=int, default=10, help="how many items (default 10)")
     rec.set_defaults(func=cmd_recommend)
 
-    prep = sub.add_parser("prepare", parents=[common], help="turn a raw data set into per-device partitions and a catalogue")
+    prep = sub.add_parser("prepare", parents=[common], help="turn a raw data set into per-device partitions, a "
+                                                            "catalogue and the server's folder (OUT/server)")
     prep.add_argument("--dataset", required=True, help="movielens | taobao | retailrocket | counts | csv")
     prep.add_argument("--data-path", required=True, help="file or folder of the raw data set")
-    prep.add_argument("--out", required=True, help="folder to write")
+    prep.add_argument("--out", required=True, help="folder to write (outside the Flower app folder): devices/<k>.csv "
+                                                   "per device, catalogue.csv, server/ for the server, and the "
+                                                   "simulation's arrays")
     prep.add_argument("--no-device-files", action="store_true", help="skip devices/<index>.csv (simulation only)")
     add_data_flags(prep)
     prep.set_defaults(func=cmd_prepare)

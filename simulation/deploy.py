@@ -12,12 +12,22 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fedrec.shared.config import ConfigError, RunConfig
+from fedrec.shared.data.catalogue import Catalogue
 from fedrec.shared.data.population import open_population
-from fedrec.shared.data.prepare import prepare_population
+from fedrec.shared.data.prepare import write_device_data
+from fedrec.shared.policy import PrivacyPolicy, simulated_policy
+from fedrec.shared.data.prepared import (
+    CATALOGUE,
+    MANIFEST,
+    SERVER_FOLDER,
+    refuse_inside_flower_app,
+    write_server_folder,
+)
 
 from .credentials import TlsFiles, write_node_keys, write_tls
 from .procs import free_port
@@ -25,6 +35,7 @@ from .procs import free_port
 log = logging.getLogger("fedrec.deploy")
 CONNECTION = "fedrec-local"
 START_TIMEOUT_S = 60.0
+NODES_TIMEOUT_S = 120.0  # SuperNodes reconnect with a backoff after a SuperLink restart
 
 
 def _toml_value(value: Any) -> str:
@@ -145,8 +156,34 @@ class LocalDeployment:
             log.info("%s refused (its old session is still open at the SuperLink); retrying", name)
             time.sleep(5)
 
+    def online_nodes(self) -> int:
+        """How many SuperNodes the SuperLink lists as online (`flwr supernode list`)."""
+        done = subprocess.run([self.tool["flwr"], "supernode", "list", CONNECTION, "--format", "json"], env=self.env,
+                              capture_output=True, text=True, timeout=120)
+        try:
+            nodes = json.loads(done.stdout[done.stdout.index("{"):])["nodes"]
+        except (ValueError, KeyError, TypeError):
+            raise RuntimeError(f"'flwr supernode list' printed no node list: {done.stdout[-500:]}"
+                               f"{done.stderr[-500:]}") from None
+        return sum(node.get("status") == "online" for node in nodes)
+
+    def wait_online(self, count: int, *, timeout: float = NODES_TIMEOUT_S) -> int:
+        """Wait until `count` SuperNodes are online (or `timeout` passes); returns how many are."""
+        deadline = time.monotonic() + timeout
+        while (online := self.online_nodes()) < count and time.monotonic() < deadline:
+            time.sleep(1.0)
+        if online < count:
+            log.warning("%d of %d SuperNodes online after %.0fs; running with those", online, count, timeout)
+        return online
+
     def run(self, run_config: dict[str, Any], *, timeout: float) -> subprocess.CompletedProcess:
-        """`flwr run` of the installed fedrec app against the SuperLink; returns when the run has finished."""
+        """`flwr run` of the installed fedrec app against the SuperLink; returns when the run has finished.
+
+        It first waits for every SuperNode it started to be online: a deployed server waits only for
+        min-devices devices and starts with whoever has said hello, and these are all meant to take part.
+        """
+        self.wait_online(sum(name.startswith("supernode-") and process.poll() is None
+                             for name, process in self.processes.items()))
         app = write_flower_app(self.out / "app")
         pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
         with open(self.logs / "flwr-run.log", "ab") as log_file:
@@ -187,45 +224,86 @@ def _reap_group(pgid: int) -> None:
         pass
 
 
-def prepare_devices(config: RunConfig, folder: Path) -> Path:
-    """Per-device files and the catalogue: `fedrec prepare` output as given, or the synthetic population."""
+@dataclass(frozen=True)
+class DeploymentData:
+    """Who gets what: the server its folder alone, each device the catalogue and its own events file."""
+
+    server: Path  # catalogue.csv and a manifest of catalogue facts: all the ServerApp reads
+    catalogue: Path  # the public catalogue every device gets
+    devices: list[Path]  # devices[k]: device k's own events, given to its SuperNode only
+
+
+def deployment_data(config: RunConfig, out: Path) -> DeploymentData:
+    """The server folder out/server and the devices' files: a fedrec prepare folder's, or synthetic ones in out/data.
+
+    The server folder is written apart from every device file (not inside a prepared folder), so nothing
+    per device is reachable from it.
+    """
     if config.dataset == "prepared":
-        if not (Path(config.data_path) / "devices").is_dir():
-            raise ConfigError(f"{config.data_path}: no devices/ folder; run fedrec prepare without --no-device-files")
-        return Path(config.data_path).resolve()
-    if config.dataset != "synthetic":
+        data = Path(config.data_path).resolve()
+        if not (data / "devices").is_dir():
+            raise ConfigError(f"data-path {data}: no devices/ folder; run fedrec prepare without --no-device-files")
+        files = sorted((data / "devices").glob("*.csv"), key=_device_order)
+        catalogue = data / CATALOGUE
+        dataset = _dataset_name(data)
+    elif config.dataset == "synthetic":
+        data = out / "data"
+        catalogue = data / CATALOGUE
+        if catalogue.exists():
+            files = [data / "devices" / f"{k}.csv" for k in range(config.devices)]
+        else:
+            files = write_device_data(open_population(config), data)
+        dataset = "synthetic"
+    else:
         raise ConfigError(f"dataset '{config.dataset}': deploy-local takes synthetic data or a fedrec prepare folder "
                           "(dataset=prepared); prepare raw logs first")
-    if not (folder / "manifest.json").exists():
-        prepare_population(open_population(config), folder, dataset="synthetic")
-    return folder.resolve()
+    server = out / SERVER_FOLDER
+    if not (server / MANIFEST).exists():
+        write_server_folder(server, Catalogue.read_csv(catalogue), dataset=dataset)
+    return DeploymentData(server=server, catalogue=catalogue,
+                          devices=files[:config.devices] if config.devices else files)
 
 
-def device_files(config: RunConfig, out: Path) -> tuple[Path, list[Path]]:
-    """The prepared folder and the devices' own files (the first `devices` of them, 0 = all)."""
-    data = prepare_devices(config, out / "data")
-    files = sorted((data / "devices").glob("*.csv"), key=lambda p: int(p.stem) if p.stem.isdigit() else p.stem)
-    return data, files[:config.devices] if config.devices else files
+def _dataset_name(data: Path) -> str:
+    """The data set's name in a prepared folder's manifest ('prepared' where it names none)."""
+    try:
+        return str(json.loads((data / MANIFEST).read_text(encoding="utf-8"))["dataset"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return "prepared"
 
 
-def server_run_config(config: RunConfig, data: Path, devices: int, run_dir: Path) -> dict[str, Any]:
-    """The settings `flwr run` passes: those that differ from the defaults, and the deployment's own."""
+def _device_order(path: Path) -> tuple[bool, int, str]:
+    return (not path.stem.isdigit(), int(path.stem) if path.stem.isdigit() else 0, path.stem)
+
+
+def server_run_config(config: RunConfig, server_folder: Path, run_dir: Path) -> dict[str, Any]:
+    """The settings `flwr run` passes: those that differ from the defaults, and the deployment's own.
+
+    data-path is the server folder (catalogue and manifest only). A deployed server does not use `devices`:
+    it waits for min-devices devices to say hello and trains whoever has.
+    """
     defaults = RunConfig().to_mapping()
     run_config = {k: v for k, v in config.to_mapping().items() if v != defaults[k] and k not in ("state-dir", "resume")}
-    run_config.update({"dataset": "prepared", "data-path": str(data), "devices": devices, "out-dir": str(run_dir),
+    run_config.update({"dataset": "prepared", "data-path": str(server_folder), "out-dir": str(run_dir),
                        "baselines": False})
     return run_config
 
 
-def start_devices(deployment: LocalDeployment, data: Path, files: list[Path]) -> dict[str, tuple[Path, dict]]:
-    """Register a key per device and start its SuperNode; returns name -> (private key, node config)."""
+def start_devices(deployment: LocalDeployment, data: DeploymentData,
+                  policy: PrivacyPolicy) -> dict[str, tuple[Path, dict]]:
+    """Register a key per device and start its SuperNode with only its own file, the catalogue and its policy.
+
+    deploy-local plays the devices' owners too: each device's privacy policy goes into its own node config
+    (the run config the server sends cannot change it). Returns name -> (private key, node config).
+    """
     nodes = {}
-    for path in files:
+    for path in data.devices:
         private, public = deployment.node_keys(f"device-{path.stem}")
         deployment.register(public)
         state = deployment.out / "devices" / path.stem
         state.mkdir(parents=True, exist_ok=True)
-        node_config = {"data-path": str(path), "catalogue-path": str(data / "catalogue.csv"), "state-path": str(state)}
+        node_config = {"data-path": str(path), "catalogue-path": str(data.catalogue), "state-path": str(state),
+                       **policy.to_mapping()}
         deployment.start_supernode(f"supernode-{path.stem}", private, node_config)
         nodes[f"supernode-{path.stem}"] = (private, node_config)
     return nodes
@@ -234,16 +312,17 @@ def start_devices(deployment: LocalDeployment, data: Path, files: list[Path]) ->
 def deploy_local(config: RunConfig, out: Path, *, timeout: float = 1800.0) -> dict[str, Any]:
     """Run `config` as a real federation on loopback: one SuperNode per device. Returns the run's summary."""
     out = Path(out).resolve()
-    data, files = device_files(config, out)
+    refuse_inside_flower_app(out, "deploy-local --out")
+    data = deployment_data(config, out)
     run_dir = out / "run"
     with LocalDeployment(out) as deployment:
         previous = signal.signal(signal.SIGTERM, _raise_interrupt)
         try:
             deployment.start_superlink()
-            start_devices(deployment, data, files)
-            log.info("%d SuperNodes started; running the app (progress in %s)", len(files),
+            start_devices(deployment, data, simulated_policy(config))
+            log.info("%d SuperNodes started; running the app (progress in %s)", len(data.devices),
                      deployment.logs / "flwr-run.log")
-            deployment.run(server_run_config(config, data, len(files), run_dir), timeout=timeout)
+            deployment.run(server_run_config(config, data.server, run_dir), timeout=timeout)
         finally:
             signal.signal(signal.SIGTERM, previous)
     summary_path = run_dir / "summary.json"

@@ -15,12 +15,15 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 
 from fedrec.server.core import (
+    CENTRAL_NOISE_SALT,
     TRAIN_SALT,
     ItemModelServer,
+    ServerRandomness,
     initial_tables,
     noise_multiplier_for,
     popularity_plan,
@@ -32,8 +35,9 @@ from fedrec.shared import protocol as P
 from fedrec.shared.aggregation import PartialSum
 from fedrec.shared.config import RunConfig
 from fedrec.shared.data.population import Population, open_population
-from fedrec.shared.device import Device, DevicePolicy, TrainOutcome, report_popularity_sum, train_devices
+from fedrec.shared.device import Device, DeviceSettings, TrainOutcome, report_popularity_sum, train_devices
 from fedrec.shared.model import ItemTables
+from fedrec.shared.policy import simulated_policy
 from fedrec.shared.state import MemoryStateStore
 
 log = logging.getLogger("fedrec.simulation")
@@ -59,10 +63,10 @@ class PlainResult:
 
 
 def build_devices(config: RunConfig, population: Population) -> dict[str, Device]:
-    policy = DevicePolicy(epsilon_budget=config.epsilon_budget, embedding_dim=config.embedding_dim,
-                          init_scale=config.init_scale, seed=config.seed)
-    return {f"sim-{k}": Device(f"sim-{k}", k, population.device_events(k), MemoryStateStore(), policy)
-            for k in range(population.num_devices)}
+    settings = DeviceSettings(embedding_dim=config.embedding_dim, init_scale=config.init_scale, seed=config.seed)
+    policy = simulated_policy(config)
+    return {f"sim-{k}": Device(f"sim-{k}", k, partial(population.device_events, k), MemoryStateStore(), settings,
+                               policy) for k in range(population.num_devices)}
 
 
 Observer = Callable[[int, dict], None]  # (server round, device -> (embedding delta, bias delta)) as the server sees it
@@ -80,6 +84,7 @@ def run_plain(config: RunConfig, *, engine: str | None = None, population: Popul
     population = population or open_population(config)
     nodes = nodes or node_count(config.replace(simulation_engine=engine), population.num_devices)
     devices = build_devices(config, population)
+    randomness = ServerRandomness.seeded(config.seed)  # a simulation: reproducible, as a fresh Flower run (attempt 0)
     server = ItemModelServer(config, initial_tables(config, population.catalogue()))
     result = PlainResult(tables=server.tables, noise_multiplier=noise_multiplier_for(config, len(devices)))
     prior = popularity_plan(config)
@@ -93,8 +98,8 @@ def run_plain(config: RunConfig, *, engine: str | None = None, population: Popul
         server.set_popularity(parts, noise_multiplier=prior.noise_multiplier)
     for server_round in range(1, config.rounds + 1):
         started = time.perf_counter()
-        chosen = sample_devices(devices, config.devices_per_round, seed=config.seed, server_round=server_round,
-                                salt=TRAIN_SALT, poisson=config.device_sampling == "poisson")
+        chosen = sample_devices(devices, config.devices_per_round, rng=randomness.for_round(server_round, 0, TRAIN_SALT),
+                                poisson=config.device_sampling == "poisson")
         plan = round_plan(config, server_round, result.noise_multiplier)
         total = PartialSum.zeros(population.num_items, config.embedding_dim)
         bound = update_bound(config, plan, population.num_items, config.embedding_dim)
@@ -113,7 +118,8 @@ def run_plain(config: RunConfig, *, engine: str | None = None, population: Popul
             total.merge(as_sent(node_sum))
         if observe is not None:
             observe(server_round, seen)
-        server.apply(total, plan)
+        server.apply(total, plan, rng=randomness.for_round(server_round, 0, CENTRAL_NOISE_SALT),
+                     population=len(devices))
         result.round_seconds.append(time.perf_counter() - started)
         result.round_trained.append(total.count)
         log.debug("plain round %d: %d trained in %.2fs", server_round, total.count, result.round_seconds[-1])

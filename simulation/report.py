@@ -88,7 +88,7 @@ def run_report(config: RunConfig, *, epsilons: list[float], out: Path) -> list[R
     for eps in epsilons:
         timed(Row(f"central DP-SGD MF, eps {eps:g}", "central-dp", epsilon_target=eps, epsilon_max=eps),
               lambda eps=eps: central(CentralDP(epsilon=eps, delta=config.delta)))
-    runs = [(None, config.replace(dp=False))] + [(eps, config.replace(epsilon_budget=eps)) for eps in epsilons]
+    runs = [(None, config.without_dp())] + [(eps, config.replace(epsilon_budget=eps)) for eps in epsilons]
     for eps, run_config in runs:
         row = Row("federated (no DP)" if eps is None else f"federated + DP, eps {eps:g}",
                   "federated" if eps is None else "federated-dp", epsilon_target=eps)

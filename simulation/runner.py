@@ -16,6 +16,7 @@ from fedrec.shared.config import RunConfig
 from fedrec.shared.data.loaders import load_dataset
 from fedrec.shared.data.population import open_population
 from fedrec.shared.data.prepare import PrepareSettings, prepare_log
+from fedrec.shared.data.prepared import refuse_inside_flower_app
 from fedrec.shared.evaluation import METRIC_KEYS
 
 from .plain import node_count
@@ -101,6 +102,9 @@ def simulate(config: RunConfig, *, verbose: bool = False, client_mods: list | No
     from fedrec.server.app import build_server_app
 
     run_dir = Path(config.out_dir).resolve()
+    refuse_inside_flower_app(run_dir, "out-dir")  # before anything is written there
+    if config.state_dir:
+        refuse_inside_flower_app(Path(config.state_dir), "state-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     config = prepare_run_data(config, run_dir)
     if not config.state_dir:
@@ -122,6 +126,34 @@ def simulate(config: RunConfig, *, verbose: bool = False, client_mods: list | No
     return json.loads(summary_path.read_text())
 
 
+def privacy_lines(summary: dict[str, Any]) -> list[str]:
+    """Which guarantees hold, one line each, and 'none' only where none does."""
+    privacy, lines = summary["privacy"], []
+    priv = privacy["record_level"]
+    if summary["dp"] and priv["epsilon_max"] is not None:
+        lines.append(f"record-level DP per device: epsilon max {priv['epsilon_max']:.3f}, median "
+                     f"{priv['epsilon_median']:.3f} (budget {priv['budget']}, delta {priv['delta']:g}); "
+                     f"sigma {priv['noise_multiplier']:.3f}; {priv['devices_declined']} devices declined a round")
+    elif summary["dp"]:
+        lines.append(f"record-level DP per device: not bounded ({priv.get('note', 'a device released without DP')})")
+    user = privacy.get("user_level")
+    if user is not None:
+        eps = user["epsilon"]
+        lines.append(f"user-level DP (trusted server adds the noise): epsilon "
+                     f"{'unbounded' if eps is None else format(eps, '.3f')} (delta {user['delta']:g}; without "
+                     f"amplification {user['epsilon_without_amplification']})")
+    if not summary["dp"] and user is None:
+        lines.append("no differential privacy: updates are not private")
+    if "server_randomness" in privacy:
+        lines.append(f"server randomness: {privacy['server_randomness']}")
+    return lines
+
+
+def _cell(value: float | None) -> str:
+    """A metric cell: '-' where the value is unknown (null in summary.json)."""
+    return f"{'-':>13}" if value is None or value != value else f"{value:>13.4f}"
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The final table: the federated model against the baselines, and the privacy spent."""
     label = "federated + DP" if summary["dp"] else "federated (no DP)"
@@ -130,13 +162,7 @@ def format_table(summary: dict[str, Any]) -> str:
     header = f"{'model':<20}" + "".join(f"{k:>13}" for k in METRIC_KEYS)
     lines = [f"{summary['dataset']}: {summary['devices']} devices, {summary['items']} items, "
              f"{summary['rounds']} rounds", header, "-" * len(header)]
-    lines += [f"{name:<20}" + "".join(f"{block[k]:>13.4f}" for k in METRIC_KEYS) for name, block in rows]
-    priv = summary["privacy"]["record_level"]
-    if summary["dp"]:
-        lines.append(f"record-level DP per device: epsilon max {priv['epsilon_max']:.3f}, median "
-                     f"{priv['epsilon_median']:.3f} (budget {priv['budget']}, delta {priv['delta']:g}); "
-                     f"sigma {priv['noise_multiplier']:.3f}; {priv['devices_declined']} devices declined a round")
-    else:
-        lines.append("no differential privacy: updates are not private")
+    lines += [f"{name:<20}" + "".join(_cell(block.get(k)) for k in METRIC_KEYS) for name, block in rows]
+    lines += privacy_lines(summary)
     lines.append(f"run directory: {summary['run_dir']}  ({summary['seconds']['total']:.0f}s)")
     return "\n".join(lines)

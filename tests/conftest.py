@@ -67,7 +67,8 @@ def finished_run(tmp_path_factory):
     before = set(ray_processes())  # other Ray sessions on this machine are not ours to judge
     config = RunConfig(devices=24, synthetic_items=60, synthetic_topics=4, synthetic_mean_events=12,
                        embedding_dim=4, num_negatives=4, rounds=3, devices_per_round=8, eval_every=2,
-                       eval_devices=8, epsilon_budget=4.0, simulation_shards=3, out_dir=str(root / "run"))
+                       eval_devices=8, epsilon_budget=4.0, simulation_shards=3, federated_eval=True,
+                       out_dir=str(root / "run"))
     summary = simulate(config)
     return config, summary, Path(config.out_dir), before
 

@@ -58,19 +58,27 @@ def test_a_device_reporting_less_epsilon_is_flagged(finished_run, tmp_path):
     assert any(f["code"] == "epsilon_under_reported" for f in result["flags"])
 
 
-def test_a_round_run_with_other_parameters_is_flagged(finished_run, tmp_path):
+def lines(entries, kind, status="done"):
+    """The ledger lines of one kind: each round attempt has a write-ahead ('sent') and an outcome ('done') line."""
+    return [e for e in entries if e["kind"] == kind and e["status"] == status]
+
+
+@pytest.mark.parametrize("forged", ["outcome line only", "both lines"])
+def test_a_round_run_with_other_parameters_is_flagged(finished_run, tmp_path, forged):
     def loosen(entries):
-        entries[1]["plan"]["sample-rate"] = 0.5
+        for line in lines(entries, "train")[:1] + (lines(entries, "train", "sent")[:1] if forged == "both lines" else []):
+            line["plan"]["sample-rate"] = 0.5
 
     result = audit_run(tampered_copy(finished_run[2], tmp_path, loosen))
     codes = {f["code"] for f in result["flags"]}
-    assert result["verdict"] == "fail" and "plan_differs_from_config" in codes
+    expected = "ledger_lines_disagree" if forged == "outcome line only" else "plan_differs_from_config"
+    assert result["verdict"] == "fail" and expected in codes
 
 
 def test_a_hidden_participation_is_flagged(finished_run, tmp_path):
     def hide(entries):
-        entry = entries[1]
-        device = next(d for d in entries[0]["trained"] if d not in entry["trained"])
+        entry = lines(entries, "train")[0]
+        device = next(d for d in lines(entries, "popularity")[0]["trained"] if d not in entry["trained"])
         entry["trained"].append(device)  # it trained, but its report below is not raised
 
     result = audit_run(tampered_copy(finished_run[2], tmp_path, hide))
@@ -85,6 +93,41 @@ def test_a_ledger_torn_by_a_crash_is_a_warning(finished_run, tmp_path):
     result = audit_run(copy)
     assert result["verdict"] == "pass"
     assert [f["code"] for f in result["flags"]] == ["ledger_unreadable_line"]
+
+
+def test_a_round_cut_short_by_a_crash_is_charged_to_every_device_asked(finished_run, tmp_path):
+    def crash(entries):  # the server wrote the next round ahead, sent it, and died before any outcome
+        last = lines(entries, "train", "sent")[-1]
+        entries.append({**last, "round": last["round"] + 1, "attempt": 0})
+
+    honest = audit_run(finished_run[2])
+    result = audit_run(tampered_copy(finished_run[2], tmp_path, crash))
+    assert "round_unfinished" in {f["code"] for f in result["flags"]}
+    asked = lines(read_jsonl(finished_run[2] / "ledger.jsonl"), "train", "sent")[-1]["asked"]
+    for device in asked:
+        assert result["per_device"][device]["charged_rdp"] > honest["per_device"][device]["charged_rdp"]
+        assert result["per_device"][device]["recomputed_rdp"] == honest["per_device"][device]["recomputed_rdp"]
+    assert result["epsilon_max_charged"] > honest["epsilon_max_charged"]
+
+
+def test_rejected_replies_are_charged_and_over_reporting_fails(finished_run, tmp_path):
+    def reject(entries):
+        line = lines(entries, "train")[0]
+        device = line["trained"].pop(0)
+        line["rejected"][device] = "bad reply"  # the server received it: its epsilon counts
+        for later in entries:
+            later.get("epsilon_reported", {}).pop(device, None)
+
+    result = audit_run(tampered_copy(finished_run[2], tmp_path, reject))
+    assert any(row["charged_rdp"] > row["recomputed_rdp"] for row in result["per_device"].values())
+
+    def inflate(entries):
+        last = [e for e in entries if e["status"] == "done" and e["epsilon_reported"]][-1]
+        device = sorted(last["epsilon_reported"])[0]
+        last["epsilon_reported"][device] *= 3
+
+    result = audit_run(tampered_copy(finished_run[2], tmp_path / "2", inflate))
+    assert result["verdict"] == "fail" and "epsilon_over_reported" in {f["code"] for f in result["flags"]}
 
 
 def write_honest_run(path: Path, *, sigma: float, rounds: int, participation: list[list[int]],

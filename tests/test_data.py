@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -10,9 +11,9 @@ import pytest
 from fedrec.shared.config import RunConfig
 from fedrec.shared.data.interactions import DataError, DeviceEvents, split_device
 from fedrec.shared.data.loaders import load_movielens
-from fedrec.shared.data.population import open_population, population_splits
+from fedrec.shared.data.population import SyntheticPopulation, open_catalogue, open_population, population_splits
 from fedrec.shared.data.prepare import prepare_log, read_device_file
-from fedrec.shared.data.prepared import PreparedData
+from fedrec.shared.data.prepared import SERVER_MANIFEST_KEYS, PreparedData, read_server_folder
 from fedrec.shared.data.synthetic import SyntheticSpec
 
 
@@ -113,3 +114,55 @@ def test_movielens_1m_and_100k_formats(tmp_path):
 def test_prepared_folder_errors_are_clear(tmp_path):
     with pytest.raises(DataError, match="not found; is .* a folder written by 'fedrec prepare'"):
         PreparedData(tmp_path)
+
+
+def test_prepare_writes_a_server_folder_with_the_catalogue_and_nothing_per_device(tmp_path):
+    write_movielens_latest(tmp_path / "ml")
+    prepare_log(load_movielens(tmp_path / "ml"), tmp_path / "prep", dataset="movielens")
+    server = tmp_path / "prep" / "server"
+    assert sorted(p.relative_to(server).as_posix() for p in server.rglob("*")) == ["catalogue.csv", "manifest.json"]
+    manifest = json.loads((server / "manifest.json").read_text())
+    assert set(manifest) <= SERVER_MANIFEST_KEYS
+    assert manifest == {"format": 1, "kind": "server", "dataset": "movielens", "num_items": 13, "num_categories": 1}
+    catalogue, _ = read_server_folder(server)
+    assert catalogue == PreparedData(tmp_path / "prep").catalogue()
+    # a simulation may still read the whole prepared folder, as before
+    assert open_population(RunConfig(dataset="prepared", data_path=str(tmp_path / "prep"), devices=0)).num_devices == 6
+
+
+def test_the_server_folder_refuses_anything_per_device(tmp_path):
+    write_movielens_latest(tmp_path / "ml")
+    prepare_log(load_movielens(tmp_path / "ml"), tmp_path / "prep", dataset="movielens")
+    server = tmp_path / "prep" / "server"
+    with pytest.raises(DataError, match=r"kind None, expected 'server' \(a prepared folder with every device's "
+                                        r"events; give the server only .*prep/server\)"):
+        read_server_folder(tmp_path / "prep")
+    with pytest.raises(DataError, match=r"devices/manifest.json: not found; the server's "
+                                        r"data-path must be the server folder"):
+        read_server_folder(tmp_path / "prep" / "devices")  # no manifest: not a server folder
+    (server / "0.csv").write_text((tmp_path / "prep" / "devices" / "0.csv").read_text())
+    with pytest.raises(DataError, match=r"holds \['0.csv'\]; a server folder holds only"):
+        read_server_folder(server)
+    (server / "0.csv").unlink()
+    manifest = json.loads((server / "manifest.json").read_text())
+    (server / "manifest.json").write_text(json.dumps({**manifest, "num_devices": 6, "num_events": 60}))
+    with pytest.raises(DataError, match=r"keys \['num_devices', 'num_events'\] are not allowed in a server manifest"):
+        read_server_folder(server)
+    (server / "manifest.json").write_text(json.dumps({**manifest, "num_items": 12}))
+    with pytest.raises(DataError, match=r"num_items 12, but .*catalogue.csv lists 13 items"):
+        read_server_folder(server)
+
+
+def test_the_synthetic_catalogue_comes_from_the_seed_without_any_device_events(monkeypatch):
+    config = RunConfig(devices=50, synthetic_items=40, synthetic_topics=4)
+    expected = SyntheticPopulation(SyntheticSpec(num_devices=50, num_items=40, num_topics=4, mean_events=60,
+                                                 popularity_skew=1.1, taste_share=0.9, seed=42)).catalogue()
+
+    def no_events(*args, **kwargs):
+        raise AssertionError("the catalogue must not generate a device's events")
+
+    monkeypatch.setattr(SyntheticSpec, "device_events", no_events)
+    monkeypatch.setattr(SyntheticSpec, "device_taste", no_events)
+    catalogue = open_catalogue(config, deployed=True)
+    assert catalogue == expected and catalogue.num_items == 40 and len(set(catalogue.categories)) == 4
+    assert open_catalogue(config.replace(seed=7), deployed=True) != catalogue

@@ -8,6 +8,8 @@ import time
 import pytest
 
 from fedrec.shared.config import RunConfig
+from fedrec.shared.policy import simulated_policy
+from fedrec.shared.data.prepared import SERVER_MANIFEST_KEYS
 from fedrec.simulation.cli import main
 from fedrec.simulation.deploy import LocalDeployment, deploy_local
 from fedrec.simulation.procs import processes_mentioning
@@ -22,8 +24,10 @@ def test_deploy_local_runs_a_federation_of_supernodes_and_stops_them(tmp_path, c
     summary = deploy_local(RunConfig(devices=3, rounds=2, devices_per_round=3, **TINY), out)
     assert summary["devices"] == 3 and summary["rounds"] == 2 and summary["dp"] is True
     ledger = [json.loads(line) for line in (out / "run" / "ledger.jsonl").read_text().splitlines()]
-    assert [entry["round"] for entry in ledger] == [0, 1, 2]
-    assert all(sorted(entry["trained"]) == ["0", "1", "2"] for entry in ledger)
+    assert [(entry["round"], entry["status"]) for entry in ledger] == [(r, s) for r in (0, 1, 2) for s in ("sent", "done")]
+    assert all(sorted(entry["trained"]) == ["0", "1", "2"] for entry in ledger if entry["status"] == "done")
+    assert summary["metrics"]["hr@10"] is None and summary["federated_eval"] == {}  # nothing left a device unasked
+    assert "OS entropy" in summary["privacy"]["server_randomness"]
     assert 0 < summary["privacy"]["record_level"]["epsilon_max"] <= 8.0
     for device in ("0", "1", "2"):  # each device's state and latest model live with the device, not the server
         assert {p.name for p in (out / "devices" / device).iterdir()} >= {"state.json", "item-model.npz"}
@@ -32,6 +36,16 @@ def test_deploy_local_runs_a_federation_of_supernodes_and_stops_them(tmp_path, c
     assert capsys.readouterr().out.count("[item ") == 3
     time.sleep(1)
     assert processes_mentioning(str(out)) == []
+    # The server was given its folder alone: the public catalogue and a manifest with nothing per device.
+    server = out / "server"
+    assert json.loads((out / "run" / "config.json").read_text())["data-path"] == str(server)
+    assert sorted(p.relative_to(server).as_posix() for p in server.rglob("*")) == ["catalogue.csv", "manifest.json"]
+    manifest = json.loads((server / "manifest.json").read_text())
+    assert set(manifest) <= SERVER_MANIFEST_KEYS
+    assert manifest["num_items"] == summary["items"] == TINY["synthetic_items"]
+    # no all-device arrays or user-id map anywhere: each device's events exist only in its own file
+    assert not [p for p in out.rglob("*") if p.suffix == ".npy" or p.name == "device_ids.csv"]
+    assert sorted(p.name for p in (out / "data" / "devices").iterdir()) == ["0.csv", "1.csv", "2.csv"]
 
 
 def test_a_supernode_without_a_registered_key_is_refused(tmp_path):
@@ -51,16 +65,17 @@ def test_a_killed_supernode_fails_its_round_and_rejoins_with_its_epsilon(tmp_pat
     import signal
     import threading
 
-    from fedrec.simulation.deploy import device_files, server_run_config, start_devices
+    from fedrec.simulation.deploy import deployment_data, server_run_config, start_devices
 
     out = (tmp_path / "deploy").resolve()
     config = RunConfig(devices=3, rounds=5, devices_per_round=3, round_timeout=40.0, epsilon_budget=30.0,
                        **{**TINY, "eval_every": 5})
-    data, files = device_files(config, out)
+    data = deployment_data(config, out)
     ledger = out / "run" / "ledger.jsonl"
 
     def rounds_done() -> list[dict]:
-        return [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
+        lines = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
+        return [e for e in lines if e["status"] == "done"]
 
     def wait_for_round(server_round: int, timeout: float = 300.0) -> None:
         deadline = time.monotonic() + timeout
@@ -70,8 +85,8 @@ def test_a_killed_supernode_fails_its_round_and_rejoins_with_its_epsilon(tmp_pat
 
     with LocalDeployment(out) as deployment:
         deployment.start_superlink()
-        nodes = start_devices(deployment, data, files)
-        run = threading.Thread(target=deployment.run, args=(server_run_config(config, data, 3, out / "run"),),
+        nodes = start_devices(deployment, data, simulated_policy(config))
+        run = threading.Thread(target=deployment.run, args=(server_run_config(config, data.server, out / "run"),),
                                kwargs={"timeout": 600})
         run.start()
         wait_for_round(1)
@@ -89,41 +104,50 @@ def test_a_killed_supernode_fails_its_round_and_rejoins_with_its_epsilon(tmp_pat
     assert processes_mentioning(str(out)) == []
 
 
-def test_the_superlink_restarted_resumes_the_run_from_its_checkpoint(tmp_path):
-    """The SuperLink (and with it the ServerApp) is stopped after round 2 and started again on the same
-    database; `flwr run` with resume=true continues from the checkpoint, appending to the same ledger."""
+def test_the_superlink_killed_mid_round_resumes_from_its_checkpoint_and_the_audit_charges_that_round(tmp_path):
+    """The SuperLink (and with it the ServerApp) is killed while round 3 is in flight and started again on the
+    same database; `flwr run` with resume=true continues from the checkpoint, appending to the same ledger,
+    and the audit charges every device asked in the round that never completed."""
+    import signal
     import threading
 
-    from fedrec.simulation.deploy import device_files, server_run_config, start_devices
+    from fedrec.server.audit import audit_run
+
+    from fedrec.simulation.deploy import deployment_data, server_run_config, start_devices
 
     out = (tmp_path / "deploy").resolve()
+    # min-devices 3: the restarted ServerApp waits for all three devices to say hello again before resuming
     config = RunConfig(devices=3, rounds=4, devices_per_round=3, round_timeout=60.0, epsilon_budget=30.0,
-                       **{**TINY, "eval_every": 4})
-    data, files = device_files(config, out)
+                       min_devices=3, federated_eval=True, **{**TINY, "eval_every": 4})
+    data = deployment_data(config, out)
     ledger = out / "run" / "ledger.jsonl"
-    run_config = server_run_config(config, data, 3, out / "run")
+    run_config = server_run_config(config, data.server, out / "run")
 
-    def rounds_done() -> list[int]:
-        return [json.loads(line)["round"] for line in ledger.read_text().splitlines()] if ledger.exists() else []
+    def lines() -> list[dict]:
+        return [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
 
     with LocalDeployment(out) as deployment:
         deployment.start_superlink()
-        start_devices(deployment, data, files)
+        start_devices(deployment, data, simulated_policy(config))
         first = threading.Thread(target=deployment.run, args=(run_config,), kwargs={"timeout": 600})
         first.start()
         deadline = time.monotonic() + 300
-        while 2 not in rounds_done():
-            assert time.monotonic() < deadline, "round 2 did not finish"
-            time.sleep(0.5)
-        deployment.stop("superlink")
+        while not any(e["round"] == 3 and e["kind"] == "train" and e["status"] == "sent" for e in lines()):
+            assert time.monotonic() < deadline, "round 3 was never sent"
+            time.sleep(0.05)
+        deployment.stop("superlink", sig=signal.SIGKILL)  # mid-round: its requests are out, its replies not in
         first.join(timeout=120)
+        in_flight = [e for e in lines() if e["round"] == 3 and e["kind"] == "train"]
         deployment.start_superlink()
         deployment.run({**run_config, "resume": True}, timeout=600)
-    done = rounds_done()
-    assert done[:3] == [0, 1, 2] and done[-2:] == [3, 4] and sorted(set(done)) == [0, 1, 2, 3, 4]
-    assert len(done) <= 6  # at most the round in flight when the SuperLink stopped is run again
+    assert [e["status"] for e in in_flight] == ["sent"], "round 3 finished before the SuperLink was killed"
+    done = [e["round"] for e in lines() if e["status"] == "done" and e["kind"] == "train"]
+    assert done == [1, 2, 3, 4]  # round 3 ran once more, as attempt 1, after the resume
     summary = json.loads((out / "run" / "summary.json").read_text())
     assert summary["rounds"] == 4 and summary["federated_eval"]["devices"] == 3
-    reported = [eps for line in ledger.read_text().splitlines() for eps in json.loads(line)["epsilon_reported"].values()]
-    assert max(reported) <= config.epsilon_budget  # a lost round costs budget, never more than the budget
+    audit = audit_run(out / "run")
+    assert "round_unfinished" in {f["code"] for f in audit["flags"]} and audit["verdict"] == "pass"
+    for device in in_flight[0]["asked"]:  # charged for the lost attempt on top of what it released
+        assert audit["per_device"][device]["charged_rdp"] > audit["per_device"][device]["recomputed_rdp"]
+    assert audit["epsilon_max_charged"] <= config.epsilon_budget  # a lost round costs budget, never more
     assert processes_mentioning(str(out)) == []

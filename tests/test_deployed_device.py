@@ -60,23 +60,24 @@ def test_a_device_trains_from_its_own_file_and_its_budget_survives_a_restart(pre
     assert eps2 > eps1 > 0
 
 
-def test_a_corrupt_state_stops_the_device_instead_of_resetting_its_budget(prepared, tmp_path):
+def test_a_corrupt_state_stops_the_device_instead_of_resetting_its_budget(prepared, tmp_path, caplog):
     items = Catalogue.read_csv(prepared / "catalogue.csv").num_items
     state = tmp_path / "state"
     build_client_app(CONFIG)(train_request(tables(num_items=items, dim=4), 1), node_context(prepared, state))
     (state / STATE_FILE).write_text((state / STATE_FILE).read_text()[:-20])
     reply = build_client_app(CONFIG)(train_request(tables(num_items=items, dim=4), 2), node_context(prepared, state))
-    assert reply.has_error() and STATE_FILE in reply.error.reason
+    assert reply.has_error() and reply.error.reason == "device-state"  # a code to the server,
+    assert STATE_FILE in caplog.text and "refusing to train" in caplog.text  # the reason in the device's log
 
 
-def test_node_config_errors_name_what_is_missing(prepared, tmp_path):
+def test_node_config_errors_name_what_is_missing(prepared, tmp_path, caplog):
     context = node_context(prepared, tmp_path / "state")
     del context.node_config["catalogue-path"]
     reply = build_client_app(CONFIG)(message(RecordDict(), dst=7, message_type="query"), context)
-    assert reply.has_error() and "catalogue-path" in reply.error.reason
+    assert reply.has_error() and reply.error.reason == "node-config" and "catalogue-path" in caplog.text
     other = build_client_app(CONFIG)(train_request(tables(num_items=3, dim=4), 1, device="5"),
                                      node_context(prepared, tmp_path / "state"))
-    assert other.has_error() and "does not host" in other.error.reason
+    assert other.has_error() and other.error.reason == "bad-message" and "does not host" in caplog.text
 
 
 def test_recommend_lists_unseen_items_with_titles(prepared, tmp_path, capsys):

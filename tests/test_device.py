@@ -10,7 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fedrec.shared.data.interactions import DataError, DeviceEvents
-from fedrec.shared.device import Device, DevicePolicy
+from fedrec.shared.device import Device, DeviceSettings
+from fedrec.shared.eval_release import EvaluationPlan
+from fedrec.shared.policy import PrivacyPolicy
 from fedrec.shared.privacy.accounting import epsilon
 from fedrec.shared.state import DeviceState, FileStateStore, StateError
 from tests.helpers import plan, tables
@@ -19,16 +21,19 @@ EVENTS = DeviceEvents(items=np.arange(8, dtype=np.int64), times=np.arange(8, dty
                       weights=np.ones(8, np.float32))
 
 
-def device(path, budget=8.0, device_id="dev-a"):
-    policy = DevicePolicy(epsilon_budget=budget, embedding_dim=4, init_scale=0.1, seed=0)
-    return Device(device_id, 3, EVENTS, FileStateStore(path), policy)
+def device(path, budget=8.0, device_id="dev-a", **policy):
+    settings = DeviceSettings(embedding_dim=4, init_scale=0.1, seed=0)
+    return Device(device_id, 3, lambda: EVENTS, FileStateStore(path), settings,
+                  PrivacyPolicy(epsilon_budget=budget, **policy))
 
 
 def test_declines_exactly_when_the_next_round_would_exceed_the_budget(tmp_path):
-    sigma = 2.0
-    eps = [epsilon([(sigma, 1.0, r)], delta=1e-5) for r in (1, 2, 3)]
+    sigma = 2.0  # two blocks per round: one user step at 2 sigma, one item step at sigma
+    per_round = [(sigma, 1.0, 1), (2 * sigma, 1.0, 1)]
+    eps = [epsilon([(s, q, n * r) for s, q, n in per_round], delta=1e-5) for r in (1, 2, 3)]
     d = device(tmp_path / "s.json", budget=(eps[1] + eps[2]) / 2)  # room for exactly two rounds
-    outcomes = [d.train(plan(server_round=r, noise_multiplier=sigma), tables()) for r in (1, 2, 3, 4)]
+    outcomes = [d.train(plan(server_round=r, noise_multiplier=sigma, user_noise_multiplier=2 * sigma), tables())
+                for r in (1, 2, 3, 4)]
     assert [o.declined for o in outcomes] == [False, False, True, True]
     assert outcomes[1].epsilon == pytest.approx(eps[1]) and outcomes[3].epsilon == pytest.approx(eps[1])
     assert outcomes[2].embedding_delta is None
@@ -49,14 +54,16 @@ def test_epsilon_never_exceeds_the_budget(tmp_path_factory, sigma, budget, q, st
 
 def test_state_survives_a_new_device_object(tmp_path):
     path = tmp_path / "s.json"
-    first = device(path)
+    first = device(path, budget=30.0)
     first.train(plan(server_round=1), tables())
     row = FileStateStore(path).load().user_row
-    second = device(path)  # e.g. the process was restarted
+    second = device(path, budget=30.0)  # e.g. the process was restarted
     outcome = second.train(plan(server_round=2), tables())
     state = FileStateStore(path).load()
-    assert state.rounds == (1, 2) and state.history == ((1.0, 1.0, 2),)
-    assert outcome.epsilon == pytest.approx(epsilon([(1.0, 1.0, 2)], delta=1e-5))
+    expected = tuple(sorted(((p.noise_multiplier, 1.0, 2), (p.user_noise_multiplier, 1.0, 2 * p.user_steps))
+                            if (p := plan()).user_steps else ((p.noise_multiplier, 1.0, 2),)))
+    assert state.rounds == (1, 2) and tuple(sorted(state.history)) == expected
+    assert outcome.epsilon == pytest.approx(epsilon(list(expected), delta=1e-5))
     assert not np.array_equal(state.user_row, row)  # training continued from the stored row
 
 
@@ -81,7 +88,11 @@ def test_state_of_another_device_is_refused(tmp_path):
         device(path).train(plan(), tables())
 
 
-def test_evaluation_reports_only_metrics(tmp_path):
-    metrics = device(tmp_path / "s.json").evaluate(tables(), target="test", l2=1.0, sampled_seed=0)
-    assert set(metrics) == {"hr@10", "ndcg@10", "recall@20", "sampled_hr@10", "sampled_ndcg@10"}
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+def test_an_evaluation_release_is_noised_and_charged(tmp_path):
+    d = device(tmp_path / "s.json")
+    eval_plan = EvaluationPlan(server_round=1, dp=True, noise_multiplier=5.0, delta=1e-5, refit_l2=1.0)
+    outcome, metrics = d.evaluate(eval_plan, tables())
+    assert set(metrics) == {"hr@10", "ndcg@10", "recall@20"}  # the sampled protocol stays central
+    assert FileStateStore(tmp_path / "s.json").load().history == ((5.0, 1.0, 1),)
+    assert outcome.epsilon == pytest.approx(epsilon([(5.0, 1.0, 1)], delta=1e-5))
+    assert not all(0.0 <= v <= 1.0 for v in metrics.values()) or eval_plan.metric_std > 1  # noise of std 8.7

@@ -41,7 +41,14 @@ def test_flwr_run_on_local_simulation(tmp_path):
         assert (run_dir / "summary.json").exists(), result.stdout[-3000:] + result.stderr[-3000:]
         summary = json.loads((run_dir / "summary.json").read_text())
         assert summary["devices"] == 8 and summary["rounds"] == 2 and summary["dp"] is True
-        assert [json.loads(line)["round"] for line in (run_dir / "ledger.jsonl").read_text().splitlines()] == [0, 1, 2]
+        ledger = [json.loads(line) for line in (run_dir / "ledger.jsonl").read_text().splitlines()]
+        assert [e["round"] for e in ledger if e["status"] == "done"] == [0, 1, 2]
+        # Under flwr run the simulated devices keep their state in Flower's Context, which a new run starts
+        # empty: a resume would hand every device a fresh budget, so the server refuses it.
+        resume = [*command[:6], command[6].replace("rounds=2", "rounds=3") + " resume=true", *command[7:]]
+        refused = subprocess.run(resume, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert "device state is not durable" in refused.stdout + refused.stderr, refused.stdout[-3000:]
+        assert len((run_dir / "ledger.jsonl").read_text().splitlines()) == len(ledger)  # nothing was sent
     finally:
         # `flwr run` leaves its local SuperLink running in the background: stop it (and its executor) by PID.
         stop(processes_mentioning(str(home)))

@@ -17,13 +17,14 @@ def arrays_record(arrays):
     return ArrayRecord({k: Array(v) for k, v in arrays.items()})
 
 
-def cohort(*devices, clip=0.0):
-    return ConfigRecord({P.DEVICE_IDS: list(devices), P.DELTA_CLIP: clip})
+def cohort(*devices, clip=0.0, nonce=0):
+    return ConfigRecord({P.DEVICE_IDS: list(devices), P.DELTA_CLIP: clip, P.NONCE: nonce})
 
 
-def train_request(t, node, devices=("sim-3",), clip=0.0, **plan_changes):
+def train_request(t, node, devices=("sim-3",), clip=0.0, nonce=0, **plan_changes):
     content = RecordDict({P.TABLES: arrays_record(P.tables_to_arrays(t)),
-                          P.PLAN: ConfigRecord(plan(**plan_changes).to_config()), P.COHORT: cohort(*devices, clip=clip)})
+                          P.PLAN: ConfigRecord(plan(**plan_changes).to_config()),
+                          P.COHORT: cohort(*devices, clip=clip, nonce=nonce)})
     return message(content, dst=node, message_type="train")
 
 
@@ -43,12 +44,13 @@ def test_train_reply_carries_only_the_item_delta_and_epsilon(small_config):
     client = build_client_app(small_config)
     t = tables(num_items=small_config.synthetic_items, dim=small_config.embedding_dim)
     for server_round in (1, 2):
-        reply = client(train_request(t, 103, server_round=server_round, num_negatives=4), context(3, small_config))
+        reply = client(train_request(t, 103, server_round=server_round, num_negatives=4, noise_multiplier=3.0),
+                       context(3, small_config))
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         assert set(reply.content.keys()) == {P.DELTA, P.REPORT, P.DEVICE}
         assert set(reply.content[P.DELTA].keys()) == {P.EMBEDDING_DELTA, P.BIAS_DELTA}
         assert set(reply.content[P.REPORT].keys()) == {"declined", "epsilon", "clipped"}
-        assert dict(reply.content[P.DEVICE]) == {P.DEVICE_IDS: ["sim-3"]}
+        assert dict(reply.content[P.DEVICE]) == {P.DEVICE_IDS: ["sim-3"], P.REFUSED: [""]}
         user_row = FileStateStore(f"{small_config.state_dir}/sim-3.json").load().user_row
         floats = all_floats(reply)
         # no coordinate of the private user row appears anywhere in what the device sent
@@ -56,16 +58,36 @@ def test_train_reply_carries_only_the_item_delta_and_epsilon(small_config):
         assert reply.content[P.DELTA][P.EMBEDDING_DELTA].numpy().shape == t.embedding.shape
 
 
-def test_evaluate_reply_carries_only_metrics(small_config):
+def eval_request(t, node, device, **changes):
+    settings = {"server-round": 1, "dp": True, "noise-multiplier": 5.0, "delta": 1e-5, "refit-l2": 1.0, **changes}
+    content = RecordDict({P.TABLES: arrays_record(P.tables_to_arrays(t)), P.EVAL: ConfigRecord(settings),
+                          P.COHORT: cohort(device)})
+    return message(content, dst=node, message_type="evaluate")
+
+
+def test_evaluate_reply_carries_only_noised_metrics_and_is_charged(small_config):
     client = build_client_app(small_config)
     t = tables(num_items=small_config.synthetic_items, dim=small_config.embedding_dim)
-    content = RecordDict({P.TABLES: arrays_record(P.tables_to_arrays(t)),
-                          P.EVAL: ConfigRecord({"server-round": 1, "target": "test", "refit-l2": 1.0,
-                                                "sampled-seed": 0}), P.COHORT: cohort("sim-5")})
-    reply = client(message(content, dst=105, message_type="evaluate"), context(5, small_config))
-    assert set(reply.content.keys()) == {P.METRICS, P.DEVICE}
+    reply = client(eval_request(t, 105, "sim-5"), context(5, small_config))
+    assert set(reply.content.keys()) == {P.METRICS, P.REPORT, P.DEVICE}
     assert not reply.content.array_records
+    assert set(reply.content[P.METRICS].keys()) == {"hr@10", "ndcg@10", "recall@20"}
     assert all(len(v) == 1 for v in reply.content[P.METRICS].values())
+    assert FileStateStore(f"{small_config.state_dir}/sim-5.json").load().history == ((5.0, 1.0, 1),)
+    assert reply.content[P.REPORT]["epsilon"][0] > 0
+
+
+def test_each_attempt_of_a_round_draws_fresh_noise(small_config, tmp_path):
+    """A simulated device is seeded (reproducible), but a round run again (next attempt nonce) gets new noise."""
+    t = tables(num_items=small_config.synthetic_items, dim=small_config.embedding_dim)
+
+    def update(nonce: int, folder: str) -> np.ndarray:
+        config = small_config.replace(state_dir=str(tmp_path / folder))
+        reply = build_client_app(config)(train_request(t, 103, nonce=nonce, num_negatives=4), context(3, config))
+        return reply.content[P.DELTA][P.EMBEDDING_DELTA].numpy()
+
+    np.testing.assert_array_equal(update(0, "a"), update(0, "b"))
+    assert not np.allclose(update(0, "c"), update(1, "d"))
 
 
 def test_a_shard_node_trains_its_devices_and_sends_one_clipped_sum(small_config):
@@ -85,15 +107,16 @@ def test_a_shard_node_trains_its_devices_and_sends_one_clipped_sum(small_config)
     summed = tuple(reply.content[P.DELTA][k].numpy() for k in (P.EMBEDDING_DELTA, P.BIAS_DELTA))
     assert delta_norm(summed) <= 2 * 0.05 * (1 + 1e-5)
     stranger = client(train_request(t, 101, devices=("sim-2",)), context(1, small_config, partitions=3))
-    assert stranger.has_error() and "does not host" in stranger.error.reason
+    assert stranger.has_error() and stranger.error.reason == "bad-message"
 
 
-def test_device_refuses_a_malformed_plan_with_a_clear_error(small_config):
+def test_device_refuses_a_malformed_plan_with_a_code_and_logs_the_reason(small_config, caplog):
     client = build_client_app(small_config)
     request = train_request(tables(num_items=small_config.synthetic_items, dim=small_config.embedding_dim), 103)
     del request.content[P.PLAN]["noise-multiplier"]
     reply = client(request, context(3, small_config))
-    assert reply.has_error() and "missing key 'noise-multiplier'" in reply.error.reason
+    assert reply.has_error() and reply.error.reason == "bad-plan"
+    assert "missing key 'noise-multiplier'" in caplog.text  # the detail stays in the device's own log
 
 
 def good_reply(request, t, *, devices=("dev-1",), declined=None, eps=None, emb=None, bias=None, clipped=0):
@@ -160,10 +183,12 @@ def test_a_shard_reply_counts_its_trained_devices_and_orders_sums_by_device():
 
 def test_bad_evaluation_replies_are_rejected():
     request = message(RecordDict(), dst=11, message_type="evaluate")
-    bad = Message(RecordDict({P.METRICS: MetricRecord({"hr@10": [3.0], "ndcg@10": [0.1], "recall@20": [0.1]}),
-                              P.DEVICE: ConfigRecord({P.DEVICE_IDS: ["dev-1"]})}), reply_to=request)
-    out = sort_eval_replies([bad], {11: ["dev-1"]})
-    assert not out.metrics and "out of [0, 1]" in out.rejected["dev-1"]
+    report = MetricRecord({"declined": [0], "epsilon": [1.0], "clipped": 0})
+    bad = Message(RecordDict({P.METRICS: MetricRecord({"hr@10": [float("nan")], "ndcg@10": [0.1],
+                                                       "recall@20": [0.1]}),
+                              P.REPORT: report, P.DEVICE: ConfigRecord({P.DEVICE_IDS: ["dev-1"]})}), reply_to=request)
+    out = sort_eval_replies([bad], {11: ["dev-1"]}, dp=True, epsilon_budget=8.0)
+    assert not out.parts and "not a finite number" in out.rejected["dev-1"]
 
 
 def test_the_default_influence_bound_passes_honest_updates_and_rejects_far_larger_ones():

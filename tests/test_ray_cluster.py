@@ -53,7 +53,8 @@ def test_simulation_attaches_to_a_running_ray_cluster(ray_head, tmp_path):
 
     config = RunConfig(devices=12, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=12,
                        embedding_dim=4, num_negatives=4, rounds=2, devices_per_round=6, eval_every=2,
-                       eval_devices=6, baselines=False, ray_address=ray_head, out_dir=str(tmp_path / "run"))
+                       eval_devices=6, baselines=False, federated_eval=True, ray_address=ray_head,
+                       out_dir=str(tmp_path / "run"))
     before = set(processes_mentioning("raylet"))
     private_raylets: set[int] = set()
     done = threading.Event()

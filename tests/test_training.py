@@ -40,30 +40,41 @@ def test_without_dp_only_touched_rows_move_and_training_is_deterministic():
 
 
 def test_dp_noise_lands_on_every_row_and_is_accounted():
-    update = train_cohort(plan(steps=3, noise_multiplier=1.1), tables(), np.zeros((1, 4), np.float32),
-                          [data([1, 2, 3])], [[(2.0, 1.0, 4)]], noise_seed=1)
+    p = plan(steps=3, noise_multiplier=1.1, user_noise_multiplier=2.3)
+    update = train_cohort(p, tables(), np.zeros((1, 4), np.float32), [data([1, 2, 3])], [[(2.0, 1.0, 4)]],
+                          noise_seed=1)
     assert np.all(np.abs(update.embedding_delta[0]).sum(axis=1) > 0)  # touched items stay hidden
     assert np.all(update.bias_delta[0] != 0)
-    assert update.histories == [[(2.0, 1.0, 4), (1.1, 1.0, 3)]]
+    # both blocks are charged, in the order they ran: the user-row step at its own sigma, then the item steps
+    assert update.histories == [[(2.0, 1.0, 4), (2.3, 1.0, 1), (1.1, 1.0, 3)]]
     assert epsilon(update.histories[0], delta=1e-5) > epsilon([(2.0, 1.0, 4)], delta=1e-5)
 
 
+@pytest.mark.parametrize("user_steps", [0, 1])
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_each_example_is_clipped(mode):
-    # with (almost) no noise the update is a sum of clipped per-example gradients: |update| <= lr * C * n
-    p = plan(noise_multiplier=1e-9, clip_norm=0.05, lr=1.0, user_lr=1.0, grad_sample_mode=mode)
+def test_each_example_is_clipped(mode, user_steps):
+    """With (almost) no noise an update is a sum of clipped per-example gradients: |update| <= lr * C * n.
+
+    One block (user_steps=0): user row and items share each example's budget C. Two blocks (the default): the
+    user-row step and the item step each clip every example to C on their own parameters.
+    """
+    p = plan(noise_multiplier=1e-9, clip_norm=0.05, lr=1.0, user_lr=1.0, grad_sample_mode=mode, user_steps=user_steps)
+    assert p.user_noise_multiplier < 1e-8  # the user block is noiseless too
     update = train_cohort(p, tables(), np.ones((1, 4), np.float32), [data([1, 2, 3, 4])], [[]], noise_seed=0)
-    user_step = update.user_rows[0] - 1.0
-    norm = np.sqrt(np.sum(update.embedding_delta**2) + np.sum(update.bias_delta**2) + np.sum(user_step**2))
-    assert 0.05 < norm <= 1.0 * 0.05 * 4 + 1e-6
+    user_norm = np.linalg.norm(update.user_rows[0] - 1.0)
+    item_norm = np.sqrt(np.sum(update.embedding_delta**2) + np.sum(update.bias_delta**2))
+    bound = 1.0 * 0.05 * 4 + 1e-6
+    blocks = [np.hypot(user_norm, item_norm)] if user_steps == 0 else [user_norm, item_norm]
+    for norm in blocks:  # unclipped, these updates are > 1 (clipping binds)
+        assert 0.05 < norm <= bound
 
 
 def test_poisson_sampling_uses_the_rate():
-    p = plan(sample_rate=0.3, steps=40, noise_multiplier=1.0)
+    p = plan(sample_rate=0.3, steps=40, user_steps=2, noise_multiplier=1.0)
     update = train_cohort(p, tables(), np.zeros((1, 4), np.float32), [data(np.arange(20) % 20)], [[]],
                           noise_seed=0)
-    assert update.examples_used[0] == pytest.approx(0.3 * 20 * 40, rel=0.2)
-    assert update.histories == [[(1.0, 0.3, 40)]]
+    assert update.examples_used[0] == pytest.approx(0.3 * 20 * (40 + 2), rel=0.2)  # both blocks sample at q
+    assert update.histories == [[(2.0, 0.3, 2), (1.0, 0.3, 40)]]
 
 
 def test_cohort_equals_separate_devices_without_noise():
@@ -82,13 +93,15 @@ def test_cohort_equals_separate_devices_without_noise():
         assert cohort.histories[k] == alone.histories[0]
 
 
+@pytest.mark.parametrize("user_steps", [0, 1])
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
-def test_cohort_noise_has_the_per_device_scale(mode):
+def test_cohort_noise_has_the_per_device_scale(mode, user_steps):
     """With noise on, rows no example touched move by pure noise: std lr * sigma * C per coordinate,
-    in a cohort of 8 devices exactly as for one device alone (checked statistically)."""
+    in a cohort of 8 devices exactly as for one device alone (checked statistically). With a user block
+    first (the default), the item step's noise is unchanged: the user block's sigma never reaches the items."""
     t = tables(num_items=400, dim=8)
-    p = plan(steps=1, user_steps=0, lr=0.5, noise_multiplier=1.3, clip_norm=0.7, num_negatives=2,
-             train_biases=True, grad_sample_mode=mode)
+    p = plan(steps=1, user_steps=user_steps, user_noise_multiplier=3.0, lr=0.5, noise_multiplier=1.3, clip_norm=0.7,
+             num_negatives=2, train_biases=True, grad_sample_mode=mode)
     devices = [data([k, k + 1, k + 2], seed=k) for k in range(8)]
     expected = p.lr * p.noise_multiplier * p.clip_norm
 
@@ -106,6 +119,7 @@ def test_cohort_noise_has_the_per_device_scale(mode):
     emb = cohort.embedding_delta.reshape(8, 400, 8)[:, 50:, :].reshape(8, -1)
     assert np.abs(np.corrcoef(emb)[np.triu_indices(8, 1)]).max() < 0.1
     assert cohort.histories == [alone[0].histories[0]] * 8
+    assert sorted(cohort.histories[0]) == sorted(p.privacy_steps())  # what the device's budget check charged
 
 
 def test_fast_embedding_norms_equal_opacus():

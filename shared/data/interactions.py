@@ -8,7 +8,11 @@ import numpy as np
 
 
 class DataError(ValueError):
-    """Input data is malformed; the message names the file, row/column and the fix."""
+    """Input data is malformed; the message names the file, row/column and the fix.
+
+    On a device the message (which may quote the data) stays in the device's own log; the server
+    gets only the code 'device-data' (client/app.py).
+    """
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,9 @@
-"""The simulated population a run draws its devices from: synthetic, or a prepared folder."""
+"""Simulated populations (synthetic or prepared) and the public catalogue alone, all a deployed server reads."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -9,7 +11,15 @@ import numpy as np
 from ..config import ConfigError, RunConfig
 from .catalogue import Catalogue
 from .interactions import DeviceEvents, DeviceSplit, split_device
-from .prepared import PreparedData
+from .prepared import (
+    CATALOGUE,
+    MANIFEST,
+    SERVER_FOLDER,
+    SERVER_KIND,
+    PreparedData,
+    prepared_device_count,
+    read_server_folder,
+)
 from .synthetic import SyntheticSpec
 
 
@@ -32,10 +42,15 @@ class SyntheticPopulation:
         return self.spec.device_events(k)
 
     def catalogue(self) -> Catalogue:
-        topics = tuple(f"topic-{t}" for t in self.spec.item_topic)
-        return Catalogue(item_ids=tuple(str(i) for i in range(self.num_items)),
-                         titles=tuple(f"Synthetic item {i} ({topics[i]})" for i in range(self.num_items)),
-                         categories=topics)
+        return synthetic_catalogue(self.spec)
+
+
+def synthetic_catalogue(spec: SyntheticSpec) -> Catalogue:
+    """The synthetic catalogue: a function of the seed and the catalogue's shape only, never of a device's events."""
+    topics = tuple(f"topic-{t}" for t in spec.item_topic)
+    return Catalogue(item_ids=tuple(str(i) for i in range(spec.num_items)),
+                     titles=tuple(f"Synthetic item {i} ({topics[i]})" for i in range(spec.num_items)),
+                     categories=topics)
 
 
 class PopulationSubset:
@@ -69,20 +84,56 @@ def synthetic_spec(config: RunConfig) -> SyntheticSpec:
                          taste_share=config.synthetic_taste_share, seed=config.seed)
 
 
-def open_population(config: RunConfig) -> Population:
-    """The devices of a simulation (synthetic or prepared); raw formats must be prepared first."""
-    if config.dataset == "synthetic":
-        if config.devices < 1:
-            raise ConfigError("devices: a synthetic population needs devices >= 1")
-        return SyntheticPopulation(synthetic_spec(config))
-    if config.dataset != "prepared":
+def _check_app_dataset(config: RunConfig, *, population: bool) -> None:
+    if population and config.dataset == "synthetic" and config.devices < 1:
+        raise ConfigError("devices: a synthetic population needs devices >= 1")
+    if config.dataset not in ("synthetic", "prepared"):
         raise ConfigError(f"dataset '{config.dataset}': the Flower app reads 'synthetic' or 'prepared' data; run "
                           f"'fedrec prepare --dataset {config.dataset} --data-path ... --out DIR' and pass "
                           "dataset='prepared' data-path=DIR (fedrec simulate does this for you)")
+
+
+def open_population(config: RunConfig) -> Population:
+    """The devices of a simulation (synthetic or prepared); raw formats must be prepared first."""
+    _check_app_dataset(config, population=True)
+    if config.dataset == "synthetic":
+        return SyntheticPopulation(synthetic_spec(config))
     prepared = PreparedData(config.data_path)
     if 0 < config.devices < prepared.num_devices:
         return PopulationSubset(prepared, config.devices, seed=config.seed)
     return prepared
+
+
+def simulated_device_count(config: RunConfig) -> int:
+    """How many devices open_population(config) holds, without reading or generating any device's events."""
+    _check_app_dataset(config, population=True)
+    total = config.devices if config.dataset == "synthetic" else prepared_device_count(Path(config.data_path))
+    return config.devices if 0 < config.devices < total else total
+
+
+def open_catalogue(config: RunConfig, *, deployed: bool) -> Catalogue:
+    """The public catalogue of a run, reading nothing per device.
+
+    Synthetic: generated from the seed. Prepared: deployed, data-path must be a server folder (catalogue.csv
+    and a manifest, nothing else); in a simulation it may also be the prepared folder (its catalogue.csv).
+    """
+    _check_app_dataset(config, population=False)
+    if config.dataset == "synthetic":
+        return synthetic_catalogue(synthetic_spec(config))
+    path = Path(config.data_path)
+    if not config.data_path:
+        raise ConfigError("data-path: dataset 'prepared' needs data-path, the folder written by 'fedrec prepare' "
+                          f"(in deployment its {SERVER_FOLDER}/ subfolder)")
+    if deployed or _is_server_folder(path):
+        return read_server_folder(path)[0]
+    return Catalogue.read_csv(path / CATALOGUE)  # simulation: the public file alone, not the event arrays
+
+
+def _is_server_folder(path: Path) -> bool:
+    try:
+        return json.loads((path / MANIFEST).read_text(encoding="utf-8")).get("kind") == SERVER_KIND
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def population_splits(population: Population) -> list[DeviceSplit]:

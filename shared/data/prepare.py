@@ -2,7 +2,8 @@
 
 Every step logs what it dropped and why, with counts; the counts also go into the manifest. The
 folder holds the public catalogue, one small CSV per device (that device's own events only: what
-a deployed device is given) and the same events as device-sorted arrays (what a simulation reads).
+a deployed device is given), the same events as device-sorted arrays (what a simulation reads) and
+server/ (the catalogue and a manifest with nothing per device: all a deployed server is given).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 from .catalogue import Catalogue, read_our_csv
 from .formats import RawLog
 from .interactions import MIN_EVENTS, DataError, DeviceEvents, Interactions
-from .prepared import write_prepared
+from .prepared import CATALOGUE, SERVER_FOLDER, refuse_inside_flower_app, write_prepared, write_server_folder
 
 log = logging.getLogger("fedrec.data")
 DEVICE_FILE_COLUMNS = ("item_index", "timestamp", "weight")
@@ -35,6 +36,7 @@ def prepare_log(raw: RawLog, out: Path, *, dataset: str, settings: PrepareSettin
     """Turn `raw` into a prepared folder at `out`; returns the preprocessing stats (also in the manifest)."""
     if settings.min_user_items < MIN_EVENTS:
         raise DataError(f"min-user-items must be at least {MIN_EVENTS} (train, validation and test item)")
+    refuse_inside_flower_app(out, "prepared folder")
     stats: dict[str, Any] = {**raw.stats, "events_read": len(raw)}
     users, items, times, weights = dedupe(raw.users, raw.items, raw.times, raw.weights)
     stats["duplicates_merged"] = len(raw) - len(users)
@@ -65,27 +67,28 @@ def prepare_log(raw: RawLog, out: Path, *, dataset: str, settings: PrepareSettin
     out = Path(out)
     write_prepared(out, interactions, catalogue, user_ids,
                    meta={"dataset": dataset, "source": raw.source, "preprocessing": stats,
-                         "device_files": "devices/<device_index>.csv" if settings.device_files else None})
+                         "device_files": "devices/<device_index>.csv" if settings.device_files else None,
+                         "server_folder": SERVER_FOLDER})
     if settings.device_files:
         write_device_files(out / "devices", interactions)
+    write_server_folder(out / SERVER_FOLDER, catalogue, dataset=dataset)
     log.info("prepared %d devices, %d items, %d events into %s", len(user_ids), len(item_ids), len(interactions), out)
     return stats
 
 
-def prepare_population(population: Any, out: Path, *, dataset: str) -> dict:
-    """A simulated population (e.g. synthetic) written as a prepared folder with per-device files."""
-    events = [population.device_events(k) for k in range(population.num_devices)]
-    users = np.concatenate([np.full(len(e.items), k, np.int64) for k, e in enumerate(events)])
-    interactions = Interactions.from_unsorted(users, np.concatenate([e.items for e in events]),
-                                              np.concatenate([e.times for e in events]),
-                                              np.concatenate([e.weights for e in events]),
-                                              num_devices=population.num_devices, num_items=population.num_items)
-    stats = {"devices": population.num_devices, "items": population.num_items, "events": len(interactions)}
-    write_prepared(Path(out), interactions, population.catalogue(), [str(k) for k in range(population.num_devices)],
-                   meta={"dataset": dataset, "source": dataset, "preprocessing": stats,
-                         "device_files": "devices/<device_index>.csv"})
-    write_device_files(Path(out) / "devices", interactions)
-    return stats
+def write_device_data(population: Any, out: Path) -> list[Path]:
+    """What deploy-local hands its devices: out/catalogue.csv and out/devices/<k>.csv (device k's own events).
+
+    Nothing else: no all-device arrays, no id map; the server's folder is written apart (write_server_folder).
+    """
+    out = Path(out)
+    refuse_inside_flower_app(out, "device data folder")
+    (out / "devices").mkdir(parents=True, exist_ok=True)
+    population.catalogue().write_csv(out / CATALOGUE)
+    files = [out / "devices" / f"{k}.csv" for k in range(population.num_devices)]
+    for k, path in enumerate(files):
+        write_device_file(path, population.device_events(k))
+    return files
 
 
 def dedupe(users: np.ndarray, items: np.ndarray, times: np.ndarray,
@@ -129,11 +132,17 @@ def write_device_files(folder: Path, interactions: Interactions) -> None:
     offsets = interactions.offsets
     for k in range(interactions.num_devices):
         lo, hi = offsets[k], offsets[k + 1]
-        rows = zip(interactions.items[lo:hi], interactions.times[lo:hi], interactions.weights[lo:hi])
-        with open(folder / f"{k}.csv", "w", newline="", encoding="utf-8") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(DEVICE_FILE_COLUMNS)
-            writer.writerows((int(i), int(t), f"{w:g}") for i, t, w in rows)
+        write_device_file(folder / f"{k}.csv", DeviceEvents(items=interactions.items[lo:hi],
+                                                            times=interactions.times[lo:hi],
+                                                            weights=interactions.weights[lo:hi]))
+
+
+def write_device_file(path: Path, events: DeviceEvents) -> None:
+    """One device's own events as item_index,timestamp,weight rows."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(DEVICE_FILE_COLUMNS)
+        writer.writerows((int(i), int(t), f"{w:g}") for i, t, w in zip(events.items, events.times, events.weights))
 
 
 def read_device_file(path: Path, *, num_items: int) -> DeviceEvents:

@@ -29,6 +29,10 @@ class RowEmbedding(nn.Embedding):
 def lookup_norms(layer: nn.Embedding, activations: list[torch.Tensor],
                  backprops: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
     ids = activations[0]
+    if ids.shape[0] == 0:
+        # An empty Poisson batch has no examples to clip; Opacus's own sampler fails on it (reshape of 0
+        # elements with -1), so answer here: the optimizer then adds the full noise and the step is accounted.
+        return {layer.weight: backprops.new_zeros(0)}
     ids = ids.reshape(ids.shape[0], -1)
     if ids.shape[1] > GRAM_MAX_LOOKUPS:
         return compute_embedding_norm_sample(layer, activations, backprops)

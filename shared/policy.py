@@ -1,0 +1,171 @@
+"""A device's own privacy policy: the limits every plan from the server is held to, before any data is read.
+
+The device is the root of trust for its own privacy. In deployment the policy comes from the
+device's settings (its SuperNode's node config, or a TOML file it names), never from the run
+config; in simulation every device builds it from the run config through the same parser. A
+plan outside the policy is refused with the name of the rule it breaks (never a data value);
+a plan inside it still has to fit the epsilon budget, or the device declines.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from .config import RunConfig
+from .privacy.accounting import HistoryEntry
+
+
+RULES = ("allow-no-dp", "max-delta", "min-noise-multiplier", "min-user-noise-multiplier", "max-sample-rate",
+         "max-steps")  # the names a refusal may carry
+
+
+class PolicyError(ValueError):
+    """A policy setting is unknown, of the wrong type or out of range."""
+
+
+def _rule(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class PrivacyPolicy:
+    """Every field has a default a device gets when its settings are silent (keys: kebab-case field names)."""
+
+    epsilon_budget: float = _rule(8.0, "the device's lifetime epsilon budget: it declines a round that would take "
+                                       "it past this")
+    max_delta: float = _rule(1e-5, "the largest delta it accepts in a plan (its epsilon is accounted at the "
+                                   "plan's delta, never above this one)")
+    min_noise_multiplier: float = _rule(0.3, "the smallest noise multiplier it accepts for what it sends: item "
+                                             "steps, the popularity report, an evaluation release")
+    min_user_noise_multiplier: float = _rule(0.3, "the smallest noise multiplier of its user-row steps")
+    max_sample_rate: float = _rule(1.0, "the largest Poisson sampling rate q of its interactions per step")
+    max_steps: int = _rule(8, "the most DP steps (user-row and item steps together) it takes in one round")
+    allow_no_dp: bool = _rule(False, "whether it ever trains or reports without differential privacy")
+
+    def __post_init__(self) -> None:
+        checks = {"epsilon_budget": self.epsilon_budget > 0, "max_delta": 0 < self.max_delta < 1,
+                  "min_noise_multiplier": self.min_noise_multiplier >= 0,
+                  "min_user_noise_multiplier": self.min_user_noise_multiplier >= 0,
+                  "max_sample_rate": 0 < self.max_sample_rate <= 1, "max_steps": self.max_steps >= 1}
+        for name, ok in checks.items():
+            value = getattr(self, name)
+            if not ok or (isinstance(value, float) and not math.isfinite(value)):
+                raise PolicyError(f"{_key(name)}={value!r} is out of range")
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], *, source: str) -> PrivacyPolicy:
+        """Parse kebab-case settings (node config, TOML, or 'key=value' pairs); errors name the source and key."""
+        fields = {_key(f.name): f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(mapping) - set(fields))
+        if unknown:
+            raise PolicyError(f"{source}: unknown privacy policy key(s) {unknown}; known keys are {sorted(fields)}")
+        values = {fields[k].name: _coerce(fields[k].default, k, v, source) for k, v in mapping.items()}
+        try:
+            return cls(**values)
+        except PolicyError as err:
+            raise PolicyError(f"{source}: {err}") from None
+
+    @classmethod
+    def keys(cls) -> list[str]:
+        return [_key(f.name) for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def help_texts(cls) -> dict[str, str]:
+        return {_key(f.name): f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    def to_mapping(self) -> dict[str, Any]:
+        return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def refusal(self, plan: Plan) -> str:
+        """The rule `plan` breaks ('' if none). Reads only the plan: no device data, no state."""
+        if not plan.dp:
+            return "" if self.allow_no_dp else "allow-no-dp"
+        if plan.delta > self.max_delta:
+            return "max-delta"
+        if not plan.noise_multiplier >= self.min_noise_multiplier:
+            return "min-noise-multiplier"
+        # A training plan's user-row steps have their own multiplier; every step the accountant is given must
+        # clear the lower of the two floors whatever the plan's fields claim.
+        if getattr(plan, "user_steps", 0) and not getattr(plan, "user_noise_multiplier", 0.0) >= \
+                self.min_user_noise_multiplier:
+            return "min-user-noise-multiplier"
+        if any(not sigma >= min(self.min_noise_multiplier, self.min_user_noise_multiplier)
+               for sigma, _, _ in plan.privacy_steps()):
+            return "min-noise-multiplier"
+        if any(not q <= self.max_sample_rate for _, q, _ in plan.privacy_steps()):
+            return "max-sample-rate"
+        if sum(steps for _, _, steps in plan.privacy_steps()) > self.max_steps:
+            return "max-steps"
+        return ""
+
+
+class Plan(Protocol):
+    """What the policy reads of a plan (training round, popularity report or evaluation release)."""
+
+    dp: bool
+    delta: float
+    noise_multiplier: float
+
+    def privacy_steps(self) -> list[HistoryEntry]: ...
+
+
+def simulated_policy(config: RunConfig) -> PrivacyPolicy:
+    """Every simulated device's policy: the run's budget and delta, then the run config's device-policy pairs.
+
+    The same parser as a deployed device's settings; in simulation the experimenter owns the data and
+    the devices alike, so the run config is where the devices' settings live.
+    """
+    settings: dict[str, Any] = {"epsilon-budget": config.epsilon_budget, "max-delta": config.delta}
+    settings.update(parse_pairs(config.device_policy, source="run config device-policy"))
+    return PrivacyPolicy.from_mapping(settings, source="run config device-policy")
+
+
+def parse_pairs(text: str, *, source: str) -> dict[str, str]:
+    """'key=value key=value' (as in --run-config) -> {key: value}; values are coerced by from_mapping."""
+    pairs: dict[str, str] = {}
+    for token in text.split():
+        key, sep, value = token.partition("=")
+        if not sep or not key:
+            raise PolicyError(f"{source}: '{token}' is not key=value")
+        pairs[key.strip()] = value.strip().strip('"')
+    return pairs
+
+
+def read_policy_file(path: Path) -> dict[str, Any]:
+    """A TOML file of policy keys (a device may keep its policy next to its state)."""
+    try:
+        return tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
+        raise PolicyError(f"{path}: cannot read the privacy policy ({type(err).__name__}: {err})") from None
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def _coerce(default: Any, key: str, value: Any, source: str) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif isinstance(default, float):
+        try:
+            if not isinstance(value, bool):
+                number = float(value)
+                if math.isfinite(number):
+                    return number
+        except (TypeError, ValueError):
+            pass
+    raise PolicyError(f"{source}: privacy policy {key}={value!r} is not a valid {type(default).__name__}")
