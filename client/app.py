@@ -2,6 +2,11 @@
 
 Every handler is wrapped so that any exception leaves the device as an error code only: messages
 (which may quote the device's data) go to the device's own log, never to the server.
+
+In deployment Flower starts a fresh process for every message, so this module imports neither
+torch nor Opacus: only a train message loads them (shared/device.train_devices), and the hello,
+the popularity report and an evaluation release are answered without them
+(tests/test_import_cost.py; `python -m fedrec.simulation.import_bench` measures the cost).
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ import logging
 from collections.abc import Callable
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
@@ -19,12 +23,12 @@ from fedrec.shared import protocol as P
 from fedrec.shared.aggregation import PartialSum
 from fedrec.shared.config import ConfigError, RunConfig
 from fedrec.shared.data.interactions import DataError
-from fedrec.shared.device import Device, TrainOutcome, report_popularity_sum, train_devices
+from fedrec.shared.device import Device, NonFiniteUpdate, TrainOutcome, report_popularity_sum, train_devices
 from fedrec.shared.eval_release import RELEASED_METRICS, EvaluationPlan
+from fedrec.shared.plans import LocalTrainingPlan, PlanError
 from fedrec.shared.policy import PolicyError
 from fedrec.shared.popularity import PopularityPlan
 from fedrec.shared.state import StateError
-from fedrec.shared.training import LocalTrainingPlan, PlanError
 
 from .nodes import open_node
 
@@ -34,7 +38,8 @@ DEVICE_ERROR_CODE = 100
 # What the server learns of a failure: the kind of error, never its message.
 ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (ConfigError, "node-config"), (PolicyError, "device-policy"), (PlanError, "bad-plan"),
-    (P.ProtocolError, "bad-message"), (StateError, "device-state"), (DataError, "device-data"))
+    (P.ProtocolError, "bad-message"), (StateError, "device-state"), (DataError, "device-data"),
+    (NonFiniteUpdate, "non-finite-update"))
 
 
 def _arrays(record: ArrayRecord) -> dict:
@@ -59,13 +64,16 @@ def error_code(err: BaseException) -> str:
 
 
 def handle_train(message: Message, context: Context, config: RunConfig) -> Message:
+    import torch  # the training path only (with Opacus, loaded by train_devices)
+
+    torch.set_num_threads(1)  # one simulated device per CPU; the simulation runs several in parallel
     node = open_node(context, config)
     devices = node.devices(message.content)
     plan = LocalTrainingPlan.from_config(dict(message.content[P.PLAN]))
     tables = P.tables_from_arrays(_arrays(message.content[P.TABLES]))
     node.received(tables, plan.server_round)
     total = PartialSum.zeros(tables.num_items, tables.dim)
-    clip = float(message.content[P.COHORT].get(P.DELTA_CLIP, 0.0))
+    clip = P.delta_clip(message.content[P.COHORT])
     outcomes = train_devices(devices, plan, tables, into=total, delta_clip=clip,
                              nonce=P.nonce(message.content[P.COHORT]))
     content = RecordDict({P.REPORT: _report(outcomes, total.clipped), P.DEVICE: _devices_record(devices, outcomes)})
@@ -113,7 +121,6 @@ Handler = Callable[[Message, Context, RunConfig], Message]
 
 def _guarded(handler: Handler, config: RunConfig | None) -> Callable[[Message, Context], Message]:
     def run(message: Message, context: Context) -> Message:
-        torch.set_num_threads(1)  # one simulated device per CPU; the simulation runs several in parallel
         try:
             run_config = config or RunConfig.from_mapping(context.run_config)
             return handler(message, context, run_config)

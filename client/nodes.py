@@ -12,8 +12,8 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from fedrec.shared import protocol as P
 from fedrec.shared.config import ConfigError, RunConfig
 from fedrec.shared.data.catalogue import Catalogue
+from fedrec.shared.data.interactions import DeviceEvents
 from fedrec.shared.data.population import open_population, shard_members
-from fedrec.shared.data.prepare import read_device_file
 from fedrec.shared.device import Device, DeviceSettings
 from fedrec.shared.policy import PrivacyPolicy, read_policy_file, simulated_policy
 from fedrec.shared.model import ItemTables
@@ -105,6 +105,13 @@ class SimulatedNode:
         return Device(device_id, key, lambda: self.population.device_events(key), store, settings, self.policy)
 
 
+def _read_device_file(path: Path, *, num_items: int) -> DeviceEvents:
+    """The device's events, read once a plan has passed its policy and budget (the hello never reads them)."""
+    from fedrec.shared.data.prepare import read_device_file  # with the raw-log readers (pandas): not for a hello
+
+    return read_device_file(path, num_items=num_items)
+
+
 def deployed_policy(node_config: dict[str, Any]) -> PrivacyPolicy:
     """A deployed device's policy: its policy file (policy-path), then policy keys in its node config.
 
@@ -149,7 +156,7 @@ class DeployedNode:
                                   seed=secrets.randbits(62))
         store = FileStateStore(self.state_dir / STATE_FILE)
         self.device = Device(self.device_id, secrets.randbits(31),
-                             lambda: read_device_file(data_path, num_items=self.num_items), store, settings,
+                             lambda: _read_device_file(data_path, num_items=self.num_items), store, settings,
                              deployed_policy(node_config))
         # Where this device's data lives, for `fedrec recommend` on the device.
         described = json.dumps({"device-id": self.device_id, "data-path": str(data_path.resolve()),

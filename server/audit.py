@@ -42,8 +42,10 @@ PLD_DISCRETIZATION = 1e-4
 DEFAULT_TOLERANCE = 1e-3  # relative; dp-accounting's and Opacus's RDP code differ by ~1e-5 here
 
 NEIGHBOURING = ("Record level, per device: two behaviour logs of the same device are neighbours if one has one "
-                "interaction more (added or removed). A device's epsilon bounds what everything it ever sent - "
-                "its popularity report and all its item updates - reveals about any single interaction.")
+                "(device, item) pair more, with all its events (repeats of an item are merged before training). A "
+                "device's epsilon bounds what everything it ever sent - its popularity report, its item updates and "
+                "its evaluation releases - reveals about any such pair; one extra event on an item it already has is "
+                "covered as a group of two pairs.")
 SAMPLING = ("Within a device, each DP-SGD step samples every interaction independently with the rate q the server "
             "fixed (Poisson sampling), which is what the accounting assumes. Which devices take part in a round is "
             "chosen by the server, which therefore knows it: record-level epsilon takes no amplification from "
@@ -256,9 +258,15 @@ def check_plan(entry: dict[str, Any], config: RunConfig, sigma: dict[str, float]
     """Differences between a round's plan and what the run's config implies."""
     plan, kind, rnd = entry["plan"], entry.get("kind", "train"), entry.get("round")
     expected: dict[str, Any] = {"dp": config.dp, "delta": config.delta}
-    if kind == "train":
+    if kind == "train":  # every field of the plan: any of them can change what a device's reply reveals
         expected.update({"sample-rate": config.sample_rate, "clip-norm": config.clip_norm,
-                         "steps": config.local_steps, "user-steps": config.user_steps})
+                         "steps": config.local_steps, "user-steps": config.user_steps, "lr": config.local_lr,
+                         "user-lr": config.user_lr, "user-step-cap": config.user_step_cap,
+                         "user-scale": config.user_scale, "bias-scale": config.bias_scale,
+                         "train-biases": config.train_biases, "num-negatives": config.num_negatives,
+                         "grad-sample-mode": config.grad_sample_mode})
+    elif kind == "evaluate":
+        expected["refit-l2"] = config.refit_l2
     flags = [Flag("error", "plan_differs_from_config", f"round {rnd}: {key}={plan.get(key)!r}, config says {value!r}",
                   round=rnd) for key, value in expected.items() if plan.get(key) != value]
     if not config.dp:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,12 +11,14 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .records import dumps  # noqa: E402
+
 
 def write_audit(result: dict[str, Any], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = [out_dir / "audit.json", out_dir / "audit.md", out_dir / "devices.csv"]
-    written[0].write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    written[0].write_text(dumps(result, indent=2) + "\n", encoding="utf-8")
     _write_devices_csv(result, written[2])
     written += _plots(result, out_dir)
     written[1].write_text(_markdown(result, [p.name for p in written[3:]]), encoding="utf-8")
@@ -28,10 +29,10 @@ def _write_devices_csv(result: dict[str, Any], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
         writer.writerow(["device", "rounds_joined", "epsilon_reported", "epsilon_recomputed_rdp",
-                         "epsilon_recomputed_pld"])
+                         "epsilon_recomputed_pld", "epsilon_charged_rdp"])
         for device, row in result["per_device"].items():
             writer.writerow([device, len(row["rounds"]), row["reported"], row["recomputed_rdp"],
-                             row["recomputed_pld"]])
+                             row["recomputed_pld"], row["charged_rdp"]])
 
 
 def _plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -82,6 +83,8 @@ def _markdown(result: dict[str, Any], images: list[str]) -> str:
         f"| epsilon max, reported by devices | {result['epsilon_max_reported']:.4f} |",
         f"| epsilon max, recomputed (dp-accounting RDP) | {result['epsilon_max_recomputed']:.4f} |",
         f"| epsilon max, recomputed (dp-accounting PLD, tighter) | {result['epsilon_max_recomputed_pld']:.4f} |",
+        f"| epsilon max, charged (with releases the server may not have seen: rejected, failed, unfinished "
+        f"rounds) | {result['epsilon_max_charged']:.4f} |",
         f"| epsilon p50 / p90 / p99 (recomputed) | {pct['p50']:.4f} / {pct['p90']:.4f} / {pct['p99']:.4f} |",
         f"| largest relative difference reported vs recomputed | {result['max_relative_diff']:.2e} "
         f"(tolerance {result['tolerance']:g}) |",

@@ -7,9 +7,8 @@ Shared by the Flower round loop (server/loop.py) and the plain loop without Flow
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy.stats import binom
@@ -83,13 +82,6 @@ class ServerRandomness:
                     "directory")
         return (f"seeded from config seed {self.seed}: reproducible, not secret (whoever has config.json can "
                 "recompute the central noise and the device sampling)")
-
-
-def round_attempt(ledger: Iterable[Mapping[str, Any]], server_round: int, kind: str = "train") -> int:
-    """The next attempt's number: how often `server_round` was already started (its write-ahead ledger lines;
-    in a ledger without them, its lines)."""
-    return sum(1 for entry in ledger if entry.get("kind", "train") == kind and int(entry["round"]) == server_round
-               and entry.get("status", "sent") == "sent")
 
 
 def sample_devices(device_ids: Iterable[str], count: int, *, rng: np.random.Generator,
@@ -224,7 +216,7 @@ class ItemModelServer:
                                  bias=biases_from_counts(total, reports=reports, noise_multiplier=noise_multiplier))
 
     def apply(self, total: PartialSum, plan: LocalTrainingPlan, *, rng: np.random.Generator,
-              population: int) -> dict[str, float]:
+              population: int) -> dict[str, float | None]:
         """Apply the round: the mean of the (already clipped) updates, central noise if configured, the optimizer.
 
         Without central noise the mean is over the updates received. With it (user-level DP, see
@@ -236,7 +228,7 @@ class ItemModelServer:
         """
         central = self.config.central_noise_multiplier > 0
         if total.count == 0 and not central:
-            return {"mean_delta_norm": float("nan"), "clipped": 0}
+            return {"mean_delta_norm": None, "clipped": 0}  # nothing trained: no norm (null in metrics.jsonl)
         step_noise = self.optimizer.lr * plan.lr * plan.noise_multiplier * plan.clip_norm
         if central:
             denominator = central_denominator(self.config, population)

@@ -3,7 +3,8 @@
 Round 0 (with the popularity prior): every device reports its items once with Gaussian noise;
 the sum sets the item biases.
 Round r >= 1:
-  1. sample `devices-per-round` known devices, seeded by (seed, r);
+  1. sample `devices-per-round` known devices (seeded by (seed, r, attempt) in a simulation, from OS
+     entropy in a deployment);
   2. write the round's plan and the devices asked to the privacy ledger, flushed to disk, before
      anything is sent (write-ahead: a crash after this leaves the round charged in the audit);
   3. send each node hosting some of them the item tables, the round plan (lr, steps, q, sigma,
@@ -20,6 +21,7 @@ Round r >= 1:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import time
@@ -35,6 +37,7 @@ from fedrec.shared.aggregation import PartialSum
 from fedrec.shared.config import ConfigError, RunConfig
 from fedrec.shared.eval_release import RELEASED_METRICS, EvaluationPlan
 from fedrec.shared.model import ItemTables
+from fedrec.shared.policy import simulated_policy
 
 from .core import (
     CENTRAL_NOISE_SALT,
@@ -90,6 +93,9 @@ class Federation:
         self.noise_multiplier = math.nan
         self.restored = False
         self.randomness = ServerRandomness.for_grid(grid, config.seed)
+        # A sanity bound on reported epsilons: in simulation every device's budget is the run's policy; deployed
+        # devices follow their own settings, which the server does not know.
+        self.reply_budget = simulated_policy(config).epsilon_budget if grid_is_simulated(grid) else math.inf
         if config.resume and not config.state_dir and grid_is_simulated(grid):
             # Simulated devices would keep their state in Flower's Context, which a new run starts empty:
             # every device would come back with a fresh budget.
@@ -166,7 +172,7 @@ class Federation:
                             dst_node_id=node, message_type=P.POPULARITY_MESSAGE, ttl=cfg.round_timeout)
                     for node, devices in asked.items()]
         replies = sort_popularity_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
-                                          self.num_items, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
+                                          self.num_items, dp=cfg.dp, epsilon_budget=self.reply_budget)
         self._record_round(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), asked, replies,
                            popularity_record(plan, num_items=self.num_items), nonce=nonce)
         self.model.set_popularity(replies.ordered_parts(asked), noise_multiplier=plan.noise_multiplier)
@@ -176,7 +182,7 @@ class Federation:
                  time.monotonic() - started)
 
     def _write_ahead(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
-                     asked: Asked) -> int:
+                     asked: Asked, tables: ItemTables | None = None) -> int:
         """Ledger the round before any request leaves (flushed to disk); returns the attempt's nonce.
 
         If the server dies after this line, the audit still charges every device asked. The nonce is
@@ -187,7 +193,8 @@ class Federation:
         self.records.append(LEDGER, {
             "status": "sent", "round": server_round, "kind": kind, "attempt": attempt, "time": time.time(),
             "plan": plan, "privacy_steps": [list(step) for step in privacy_steps],
-            "asked": sorted(d for devices in asked.values() for d in devices)})
+            "asked": sorted(d for devices in asked.values() for d in devices),
+            **({"tables_sha256": tables_digest(tables)} if tables is not None else {})})
         return attempt
 
     def _record_round(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
@@ -223,13 +230,14 @@ class Federation:
         tables = _tables_record(self.model.tables)
         bound = update_bound(cfg, plan, self.num_items, self.model.tables.dim)
         asked = self.registry.group(chosen)
-        nonce = self._write_ahead(server_round, "train", plan.to_config(), plan.privacy_steps(), asked)
+        nonce = self._write_ahead(server_round, "train", plan.to_config(), plan.privacy_steps(), asked,
+                                  self.model.tables)
         messages = [Message(RecordDict({P.TABLES: tables, P.PLAN: ConfigRecord(plan.to_config()),
                                         P.COHORT: _cohort(devices, nonce=nonce, delta_clip=bound)}),
                             dst_node_id=node, message_type="train", ttl=cfg.round_timeout)
                     for node, devices in asked.items()]
         replies = sort_train_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
-                                     self.model.tables, dp=cfg.dp, epsilon_budget=cfg.epsilon_budget,
+                                     self.model.tables, dp=cfg.dp, epsilon_budget=self.reply_budget,
                                      delta_clip=bound)
         central = central_record(cfg, population=population, contributors=len(replies.trained))
         self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies, central,
@@ -244,7 +252,8 @@ class Federation:
         line = {"round": server_round, "seconds": round(time.monotonic() - started, 3),
                 "trained": len(replies.trained), "declined": len(replies.declined), "refused": len(replies.refused),
                 "rejected": len(replies.rejected), "failed": len(replies.failed),
-                "epsilon_max_reported": _json_epsilon(max(eps)) if eps else 0.0, **applied}
+                "epsilon_max_reported": _json_epsilon(max(eps)) if eps else 0.0,
+                "epsilon_unbounded": bool(eps) and not math.isfinite(max(eps)), **applied}
         self.records.append(METRICS, {"kind": "train", **line})
         log.info("round %d/%d: %d trained, %d declined, %d refused, %d rejected, %d failed, eps max %s (%.1fs)",
                  server_round, cfg.rounds, line["trained"], line["declined"], line["refused"], line["rejected"],
@@ -262,15 +271,16 @@ class Federation:
         chosen = sample_devices(self.registry.node_of, count, rng=self.randomness.for_round(server_round, attempt,
                                                                                            EVAL_SALT))
         plan = evaluation_plan(cfg, server_round)
-        tables = _tables_record(self.model.serving_tables())
+        serving = self.model.serving_tables()
+        tables = _tables_record(serving)
         asked = self.registry.group(chosen)
-        nonce = self._write_ahead(server_round, "evaluate", plan.to_config(), plan.privacy_steps(), asked)
+        nonce = self._write_ahead(server_round, "evaluate", plan.to_config(), plan.privacy_steps(), asked, serving)
         messages = [Message(RecordDict({P.TABLES: tables, P.EVAL: ConfigRecord(plan.to_config()),
                                         P.COHORT: _cohort(devices, nonce=nonce)}),
                             dst_node_id=node, message_type="evaluate", ttl=cfg.round_timeout)
                     for node, devices in asked.items()]
         replies = sort_eval_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
-                                    dp=cfg.dp, epsilon_budget=cfg.epsilon_budget)
+                                    dp=cfg.dp, epsilon_budget=self.reply_budget)
         self._record_round(server_round, "evaluate", plan.to_config(), plan.privacy_steps(), asked, replies,
                            nonce=nonce)
         metrics = average_metrics(replies, plan)
@@ -297,6 +307,13 @@ def average_metrics(replies: TrainReplies, plan: EvaluationPlan) -> dict[str, An
     out.update(devices=len(released), declined=len(replies.declined), refused=len(replies.refused),
                rejected=len(replies.rejected), failed=len(replies.failed))
     return out
+
+
+def tables_digest(tables: ItemTables) -> str:
+    """SHA-256 of the item tables sent in a round: the ledger names exactly what devices trained or evaluated on."""
+    digest = hashlib.sha256(np.ascontiguousarray(tables.embedding).tobytes())
+    digest.update(np.ascontiguousarray(tables.bias).tobytes())
+    return digest.hexdigest()
 
 
 def _json_epsilon(value: float) -> float | None:

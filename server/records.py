@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -23,6 +24,29 @@ CHECKPOINT = "checkpoint.npz"
 SUMMARY = "summary.json"
 # Settings that may differ when a run is resumed (everything else must match the original).
 RESUMABLE_CHANGES = {"rounds", "round-timeout", "node-wait-timeout", "out-dir", "final-eval-devices", "resume"}
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with every NaN or infinite float as None: JSON has neither, and strict parsers (jq, most languages)
+    reject the NaN/Infinity Python writes by default. Numpy scalars and arrays become plain Python values.
+
+    Sources that know why a value is missing (an infinite epsilon: a release without DP) say so next to it;
+    this is the last guard, so a file is always valid JSON.
+    """
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.ndarray | np.generic):
+        return json_safe(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def dumps(value: Any, **options: Any) -> str:
+    """Strict JSON text of `value` (see json_safe); every JSON file fedrec writes goes through here."""
+    return json.dumps(json_safe(value), allow_nan=False, **options)
 
 
 def default_run_dir() -> Path:
@@ -57,13 +81,13 @@ class RunRecords:
             if changed:
                 raise ConfigError(f"{stored}: cannot resume with different settings for {sorted(changed)}")
         records.path.mkdir(parents=True, exist_ok=True)
-        atomic_write(stored, (json.dumps(config.to_mapping(), indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(stored, (dumps(config.to_mapping(), indent=2, sort_keys=True) + "\n").encode())
         return records
 
     def append(self, name: str, record: dict[str, Any]) -> None:
         """Append one JSON line and fsync it, so a crash loses at most the line being written."""
         with open(self.path / name, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
+            fh.write(dumps(record, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
 
@@ -102,4 +126,4 @@ class RunRecords:
             raise ConfigError(f"{path}: unreadable checkpoint ({err})") from None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        atomic_write(self.path / SUMMARY, (json.dumps(summary, indent=2, sort_keys=False) + "\n").encode())
+        atomic_write(self.path / SUMMARY, (dumps(summary, indent=2, sort_keys=False) + "\n").encode())

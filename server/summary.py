@@ -20,9 +20,9 @@ from .user_privacy import user_level_summary
 
 log = logging.getLogger("fedrec.server")
 
-NEIGHBOURING_RELATION = ("record level: two behaviour logs of one device are neighbours if they differ by one "
-                         "interaction (added or removed); epsilon bounds what everything the device ever sent "
-                         "reveals about any single interaction")
+NEIGHBOURING_RELATION = ("record level: two behaviour logs of one device are neighbours if one has one (device, "
+                         "item) pair more, with all its events; epsilon bounds what everything the device ever "
+                         "sent reveals about any such pair (one extra event on an item it has: a group of two)")
 
 
 def device_epsilons(records: RunRecords) -> tuple[dict[str, float], set[str], set[str]]:
@@ -72,9 +72,13 @@ def privacy_summary(config: RunConfig, records: RunRecords, noise_multiplier: fl
         "neighbouring_relation": NEIGHBOURING_RELATION,
         "median_over": "devices that released anything (popularity report or training update)",
     }
+    # JSON has no infinity: an unbounded epsilon is null, flagged here with the count and a note saying why.
+    without_dp = sum(math.isinf(v) for v in values)
+    record_level["epsilon_unbounded"] = not config.dp or without_dp > 0
+    record_level["devices_without_dp"] = len(released) if not config.dp else without_dp
     if not config.dp:
-        record_level["note"] = "DP disabled: updates are not private (epsilon is infinite)"
-    elif any(math.isinf(v) for v in values):
+        record_level["note"] = "DP disabled: updates are not private (epsilon is infinite, null here)"
+    elif without_dp:
         record_level["note"] = "some devices released without DP: their epsilon is infinite (null here)"
     out: dict[str, Any] = {"record_level": record_level}
     out["server_randomness"] = randomness.describe()

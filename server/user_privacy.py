@@ -165,7 +165,7 @@ def user_level_summary(config: RunConfig, ledger: list[dict[str, Any]], *, rando
         "epsilon_without_amplification": _finite(user_level_epsilon(rounds, sampling=sampling, delta=delta,
                                                                     amplified=False, popularity=reports)),
         "no_amplification_assumption": NO_AMPLIFICATION_TEXT,
-        "epsilon_training_rounds": user_level_epsilon(rounds, sampling=sampling, delta=delta),
+        "epsilon_training_rounds": _finite(user_level_epsilon(rounds, sampling=sampling, delta=delta)),
         "epsilon_popularity_reports": (_finite(user_level_epsilon([], sampling=sampling, delta=delta,
                                                                   popularity=reports)) if reports else None),
         "noise_multiplier": config.central_noise_multiplier,

@@ -12,6 +12,7 @@ from typing import Any
 
 AUTO = "auto"
 AUTO_SERVER_LR_DP, AUTO_SERVER_LR_NO_DP = 0.1, 3.0  # measured on the synthetic default (see README, Results)
+SYNTHETIC_DEVICES = 500  # the synthetic population when devices = 0 (real data then uses all its users)
 
 
 class ConfigError(ValueError):
@@ -45,8 +46,8 @@ class RunConfig:
     min_item_users: int = _opt(1, "items with fewer devices are dropped (k-core, alternating with devices)", min=1)
     skip_bad_rows: bool = _opt(False, "drop malformed rows of the data file (counted and reported) instead of "
                                       "stopping at the first")
-    devices: int = _opt(500, "number of simulated devices (synthetic population size; for real data a seeded "
-                             "random subset of users, 0 = all)", min=0)
+    devices: int = _opt(0, "devices to simulate: for real data a seeded random subset of its users, 0 = all of "
+                           f"them; for synthetic data the population size, 0 = {SYNTHETIC_DEVICES}", min=0)
     synthetic_items: int = _opt(1000, "synthetic catalogue size", min=10)
     synthetic_topics: int = _opt(30, "number of planted taste topics in the synthetic data", min=1)
     synthetic_mean_events: int = _opt(60, "mean number of events per synthetic device", min=5)
@@ -178,6 +179,11 @@ class RunConfig:
             return cls(**values)
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
+
+    @property
+    def synthetic_devices(self) -> int:
+        """Size of the synthetic population: `devices`, or SYNTHETIC_DEVICES where it is 0 (the default)."""
+        return self.devices or SYNTHETIC_DEVICES
 
     @property
     def effective_server_lr(self) -> float:

@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from functools import cached_property
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -26,16 +26,24 @@ from .data.interactions import DataError, DeviceEvents, DeviceSplit, split_devic
 from .eval_release import RELEASED_METRICS, EvaluationPlan, noisy_metrics
 from .evaluation import rank_scores
 from .model import ItemTables, initial_user_row
+from .plans import LocalTrainingPlan
 from .policy import Plan, PrivacyPolicy
 from .popularity import PopularityPlan, noisy_indicator
 from .privacy.accounting import HistoryEntry, compact_history, epsilon, epsilon_after
 from .ranking import refit_user_row
 from .state import DeviceState
-from .training import DeviceTrainingData, LocalTrainingPlan, train_cohort
+
+if TYPE_CHECKING:  # torch and Opacus: imported where a device trains (train_devices), not on every message
+    from .training import DeviceTrainingData
 
 
 COHORT_BYTES = 64 * 2**20  # stacked item tables per cohort pass
 MIN_DISTINCT_ITEMS = 3  # one for training at least, one validation, one test
+MAX_REFUSALS_KEPT = 100  # the state keeps the latest refusals only: a server cannot grow it without bound
+
+
+class NonFiniteUpdate(RuntimeError):
+    """Local training produced NaN/Inf; the device charges the steps and sends nothing."""
 
 
 class StateStore(Protocol):
@@ -109,7 +117,8 @@ class Device:
         """
         rule = self.policy.refusal(plan)
         if rule:
-            self.store.save(replace(state, refused=(*state.refused, (plan.server_round, rule))))
+            refused = (*state.refused, (plan.server_round, rule))[-MAX_REFUSALS_KEPT:]
+            self.store.save(replace(state, refused=refused))
             return TrainOutcome(declined=True, epsilon=self.cumulative_epsilon(state, self.policy.max_delta),
                                 refused=rule)
         if plan.dp and epsilon_after(state.history, plan.privacy_steps(), delta=plan.delta) > \
@@ -150,6 +159,8 @@ class Device:
         return initial_user_row(dim, scale=self.settings.init_scale, rng=rng)
 
     def training_data(self, plan: LocalTrainingPlan, nonce: int = 0) -> DeviceTrainingData:
+        from .training import DeviceTrainingData
+
         return DeviceTrainingData(items=self.split.train_items, weights=self.split.train_weights,
                                   seed=(self.settings.seed, self.device_key, plan.server_round, nonce))
 
@@ -176,6 +187,8 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
     outcome: a node's memory then stays at one cohort, however many devices it trains.
     `nonce` names the attempt of the round, so a round run again draws fresh noise.
     """
+    from .training import train_cohort  # torch and Opacus: the one path that needs them
+
     states = [d.load_state() for d in devices]
     outcomes: list[TrainOutcome | None] = [device.admit(plan, state) for device, state in zip(devices, states)]
     active = [j for j, verdict in enumerate(outcomes) if verdict is None]
@@ -188,6 +201,12 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
                               [devices[j].training_data(plan, nonce) for j in cohort],
                               [states[j].history for j in cohort],
                               noise_seed=_noise_seed(devices[cohort[0]].settings.seed, keys, plan.server_round, nonce))
+        if not all(np.isfinite(a).all() for a in (update.user_rows, update.embedding_delta, update.bias_delta)):
+            # Defence in depth (inputs are bounded on arrival): the steps are spent, nothing non-finite is kept or
+            # sent, since a NaN pattern would show which rows a device's data touched.
+            for row, j in enumerate(cohort):
+                devices[j].commit(plan, states[j], states[j].user_row, update.histories[row])
+            raise NonFiniteUpdate(f"round {plan.server_round}: training produced non-finite values; nothing sent")
         for row, j in enumerate(cohort):
             outcome = devices[j].commit(plan, states[j], update.user_rows[row], update.histories[row])
             delta = (update.embedding_delta[row], update.bias_delta[row])

@@ -1,7 +1,7 @@
 """A private estimate of item popularity, reported once by every device before training.
 
 A device reports its item indicator (1 for each distinct item it has, weights clipped to
-[0, 1]) plus N(0, sigma^2) noise on every entry. Adding or removing one interaction changes
+[0, 1]) plus N(0, sigma^2) noise on every entry. Adding or removing one (device, item) pair changes
 one entry by at most 1, so this is a Gaussian mechanism with L2 sensitivity 1: the same RDP
 as one DP-SGD step at (sigma, q=1), and it enters the device's history as exactly that.
 The server sums the reports; log counts become the item biases (popularity prior).
@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .plans import MAX_NOISE_MULTIPLIER, PlanError, plan_from_config
 from .privacy.accounting import HistoryEntry
-from .training import PlanError, plan_from_config
 
 
 @dataclass(frozen=True)
@@ -26,8 +26,8 @@ class PopularityPlan:
     delta: float
 
     def __post_init__(self) -> None:
-        if self.dp and not self.noise_multiplier > 0:
-            raise PlanError(f"popularity plan: noise_multiplier={self.noise_multiplier!r} must be > 0 with DP")
+        if (self.dp and not self.noise_multiplier > 0) or not 0 <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER:
+            raise PlanError(f"popularity plan: noise_multiplier={self.noise_multiplier!r} out of range")
         if not 0 < self.delta < 1:
             raise PlanError(f"popularity plan: delta={self.delta!r} is out of range")
 

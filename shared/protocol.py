@@ -57,12 +57,20 @@ def tables_to_arrays(tables: ItemTables) -> dict[str, np.ndarray]:
     return {EMBEDDING: tables.embedding, BIAS: tables.bias}
 
 
+MAX_TABLE_ABS = 1e4  # a device trains on received tables only within this: larger values can overflow the loss
+
+
 def tables_from_arrays(arrays: Mapping[str, np.ndarray]) -> ItemTables:
+    """The item tables a device received: float32, matching shapes, finite and bounded (checked before use)."""
     _expect_keys(arrays, (EMBEDDING, BIAS), "tables")
     emb, bias = arrays[EMBEDDING], arrays[BIAS]
     if emb.ndim != 2 or bias.shape != (emb.shape[0],) or emb.dtype != np.float32 or bias.dtype != np.float32:
         raise ProtocolError(f"tables: expected float32 embedding [items, dim] and bias [items], got "
                             f"{emb.dtype}{list(emb.shape)} and {bias.dtype}{list(bias.shape)}")
+    for name, values in ((EMBEDDING, emb), (BIAS, bias)):
+        # NaN/Inf or huge values would make the loss non-finite on exactly the rows a device's data touches
+        if not np.all(np.abs(values) <= MAX_TABLE_ABS):
+            raise ProtocolError(f"tables: '{name}' holds values that are not finite or exceed {MAX_TABLE_ABS:g}")
     return ItemTables(embedding=emb, bias=bias)
 
 
@@ -115,3 +123,11 @@ def nonce(cohort: Mapping[str, object]) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ProtocolError(f"cohort: '{NONCE}' should be an integer, got {value!r}")
     return value
+
+
+def delta_clip(cohort: Mapping[str, object]) -> float:
+    """The clip a node applies to each device's whole update (0 = none); NaN/inf or negative is refused."""
+    value = cohort.get(DELTA_CLIP, 0.0) if hasattr(cohort, "get") else 0.0
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= float(value) <= MAX_TABLE_ABS:
+        raise ProtocolError(f"cohort: '{DELTA_CLIP}' should be a finite number >= 0, got {value!r}")
+    return float(value)

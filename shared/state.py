@@ -46,7 +46,7 @@ class DeviceState:
             "refused": [[r, rule] for r, rule in self.refused],
             "non_private": self.non_private,
         }
-        body = json.dumps(payload, sort_keys=True, separators=(",", ":"))
+        body = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)  # never store NaN/inf
         return json.dumps({"sha256": hashlib.sha256(body.encode()).hexdigest(), "state": payload},
                           sort_keys=True).encode()
 

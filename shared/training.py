@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,88 +27,16 @@ from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientCli
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
-from .model import ItemTables, MatrixFactorization, SampledSoftmaxLoss
+from .model import ItemTables
+from .model_torch import MatrixFactorization, SampledSoftmaxLoss
+from .plans import (  # noqa: F401 - re-exported: the plan a device parses without torch (shared/plans.py)
+    MAX_LR, MAX_NEGATIVES, MAX_NOISE_MULTIPLIER, SCALE_RANGE, LocalTrainingPlan, PlanError, plan_from_config)
 from .privacy.accounting import HistoryEntry, compact_history
 
 # Hooks materialise dense per-sample gradients (batch * rows * dim floats); ghost clipping needs a second
 # backward pass but no such tensor. Measured on 2 cores: ghost is faster from a few MB on (a cohort's user
 # phase at 100 devices: 77 MB dense, 1.4x faster with ghost).
 HOOKS_MEMORY_LIMIT_BYTES = 16 * 2**20
-
-
-class PlanError(ValueError):
-    """A round plan from the server is missing a key or holds an invalid value."""
-
-
-@dataclass(frozen=True)
-class LocalTrainingPlan:
-    """What the server fixes for one round of local training; sent in every train message."""
-
-    server_round: int
-    lr: float
-    user_lr: float
-    steps: int
-    user_steps: int
-    user_noise_multiplier: float
-    sample_rate: float
-    num_negatives: int
-    user_step_cap: float
-    user_scale: float
-    bias_scale: float
-    train_biases: bool
-    dp: bool
-    noise_multiplier: float
-    clip_norm: float
-    delta: float
-    grad_sample_mode: str
-
-    def __post_init__(self) -> None:
-        checks = {
-            "server_round": self.server_round >= 1, "lr": self.lr > 0, "user_lr": self.user_lr >= 0,
-            "user_step_cap": self.user_step_cap >= 0, "user_scale": self.user_scale > 0,
-            "bias_scale": self.bias_scale > 0,
-            "steps": self.steps >= 1, "user_steps": self.user_steps >= 0,
-            "user_noise_multiplier": self.user_noise_multiplier > 0 or not self.dp or self.user_steps == 0,
-            "sample_rate": 0 < self.sample_rate <= 1, "num_negatives": self.num_negatives >= 1,
-            "noise_multiplier": self.noise_multiplier > 0 or not self.dp, "clip_norm": self.clip_norm > 0,
-            "delta": 0 < self.delta < 1, "grad_sample_mode": self.grad_sample_mode in ("hooks", "ghost", "auto"),
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise PlanError(f"round plan: {name}={getattr(self, name)!r} is out of range")
-
-    def privacy_steps(self) -> list[HistoryEntry]:
-        """The (sigma, q, steps) this round adds to a device's privacy history (nothing without DP)."""
-        if not self.dp:
-            return []
-        steps = [(self.noise_multiplier, self.sample_rate, self.steps)]
-        if self.user_steps:
-            steps.append((self.user_noise_multiplier, self.sample_rate, self.user_steps))
-        return steps
-
-    def to_config(self) -> dict[str, Any]:
-        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> LocalTrainingPlan:
-        return plan_from_config(cls, config)
-
-
-def plan_from_config(cls: Any, config: dict[str, Any]) -> Any:
-    """Build a frozen plan dataclass from its kebab-case config record, checking every key and type."""
-    values: dict[str, Any] = {}
-    for f in fields(cls):
-        key = f.name.replace("_", "-")
-        if key not in config:
-            raise PlanError(f"round plan: missing key '{key}'")
-        value = config[key]
-        kind = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise PlanError(f"round plan: '{key}'={value!r} should be {kind.__name__}")
-        values[f.name] = value
-    return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,6 @@ import argparse
 import itertools
 import json
 import logging
-import math
 import os
 import statistics
 import subprocess
@@ -18,14 +17,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from fedrec.server.records import dumps
 from fedrec.shared.config import ConfigError, RunConfig
 
-from .procs import command_line, parents, rss_bytes, with_descendants
+from .procs import RAY_TAGS, command_line, parents, rss_bytes, with_descendants
 
 log = logging.getLogger("fedrec.bench")
 
 FLOAT32 = 4  # bytes; tables and deltas travel as float32 (shared/protocol.py)
-RAY_TAGS = ("raylet", "gcs_server", "ray::", "default_worker.py", "ClientAppActor")
 # The default grid's axes. Only cells that vary one factor from BASE_CELL run (9 cells): the full
 # product (108 cells) would take days on 2 cores, and one factor at a time shows each one's cost.
 GRID_AXES = {"devices_per_round": (10, 100, 1000), "population": (1000, 10_000, 100_000),
@@ -67,7 +66,7 @@ def grid_cells(engine: str) -> tuple[list[Cell], dict[str, list[Cell]]]:
 
 
 class PeakRss:
-    """Peak summed VmRSS of this process, its descendants and Ray processes orphaned during the block.
+    """Peak summed resident memory (RSS) of this process, its descendants and Ray processes orphaned during the block.
 
     Sampled every `interval` seconds in a thread. Shared pages (Ray's object store, libraries) count
     once per process, so the sum is an upper bound of the memory used.
@@ -160,8 +159,12 @@ def run_cell(cell: Cell, *, rounds: int, engine: str, verbose: bool = False) -> 
             "messages_up_per_round": messages, "bytes_up_per_round": messages * update_bytes}
 
 
-def _per_ms(seconds: float, count: float) -> float:
-    return 1000 * seconds / count if count else math.nan
+def _per_ms(seconds: float, count: float) -> float | None:
+    return 1000 * seconds / count if count else None  # no update trained: unknown (null in JSON)
+
+
+def _ms(value: float | None) -> str:
+    return f"{'-':>10}" if value is None else f"{value:>10.1f}"
 
 
 def run_in_child(cell: Cell, *, rounds: int, engine: str) -> dict[str, Any]:
@@ -186,8 +189,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             lines.append(f"{label:<36}  failed: {r['error']}")
             continue
         lines.append(f"{label:<36}{r['startup_s']:>10.2f}{r['first_round_s']:>10.2f}{r['flower_round_s']:>10.3f}"
-                     f"{r['plain_round_s']:>10.3f}{r['ratio']:>8.2f}{r['per_update_ms_flower']:>10.1f}"
-                     f"{r['per_update_ms_plain']:>10.1f}{r['peak_rss_gb_flower']:>10.2f}"
+                     f"{r['plain_round_s']:>10.3f}{r['ratio']:>8.2f}{_ms(r['per_update_ms_flower'])}"
+                     f"{_ms(r['per_update_ms_plain'])}{r['peak_rss_gb_flower']:>10.2f}"
                      f"{r['peak_rss_gb_plain']:>10.2f}{r['bytes_per_update_up'] / 1024:>10.0f}")
     return "\n".join(lines)
 
@@ -219,7 +222,7 @@ def bench_command(args: argparse.Namespace) -> int:
             raise ConfigError(f"--population {cell.population}: fewer devices than --devices-per-round "
                               f"{cell.devices_per_round}")
         rows = [run_cell(cell, rounds=args.rounds, engine=args.engine, verbose=args.verbose)]
-    text = json.dumps(rows, indent=2)
+    text = dumps(rows, indent=2)
     if args.out:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         (Path(args.out) / "bench.json").write_text(text + "\n", encoding="utf-8")

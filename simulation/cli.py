@@ -6,7 +6,6 @@ import argparse
 import logging
 import signal
 import sys
-import time
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,32 +47,25 @@ def parse_run_config(values: Sequence[str]) -> dict[str, Any]:
     return out
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    if args.resume:
-        if not args.out:
-            raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
-        mapping = RunConfig.load_json(Path(args.out) / "config.json").to_mapping()
-    else:
-        mapping = {}
-    mapping.update(parse_run_config(args.run_config or []))
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The run-config keys `fedrec simulate` was given: --run-config values, then data flags, then the other flags."""
+    if args.resume and not args.out:
+        raise ConfigError("--resume needs --out RUN_DIR (the run to continue)")
+    mapping = parse_run_config(args.run_config or [])
     mapping.update(data_overrides(args))
     for attr, key in SIMULATE_FLAGS.items():
         if getattr(args, attr) is not None:
             mapping[key] = getattr(args, attr)
     mapping["resume"] = bool(args.resume)
-    if not mapping.get("out-dir"):
-        from fedrec.server.records import default_run_dir
-
-        mapping["out-dir"] = str(default_run_dir())
-    config = RunConfig.from_mapping(mapping, source="fedrec simulate")
-    return config.without_dp() if args.no_dp and not args.resume else config
+    return mapping
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from .runner import format_table, simulate
+    from .api import simulate
 
-    summary = simulate(config_from_args(args), verbose=args.verbose)
-    print(format_table(summary))
+    # The same path as the Python API: settings checked by run_config, run and read back by simulate.
+    result = simulate(settings_from_args(args), no_dp=args.no_dp, verbose=args.verbose)
+    print(result.table())
     return 0
 
 
@@ -119,19 +111,17 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    import json
+    from fedrec.server.records import dumps
 
-    from fedrec.server.audit import audit_run
-    from fedrec.server.audit_report import write_audit
+    from .api import audit
 
     if not args.run_dir and not args.attacks:
         raise ConfigError("fedrec audit: give a RUN_DIR to audit, --attacks, or both")
     result: dict = {}
     if args.run_dir:
-        result = audit_run(Path(args.run_dir), tolerance=args.tolerance)
         out = Path(args.out) if args.out else Path(args.run_dir) / "audit"
-        written = write_audit(result, out)
-        log.info("audit %s: %d flags; wrote %s", result["verdict"], len(result["flags"]), ", ".join(map(str, written)))
+        result = audit(args.run_dir, tolerance=args.tolerance, out=out)
+        log.info("audit %s: %d flags; wrote %s", result["verdict"], len(result["flags"]), out)
     if args.attacks:
         from .attacks import default_attack_config, run_attacks
 
@@ -142,10 +132,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
         attacks = run_attacks(config)
         out = Path(args.out or (Path(args.run_dir) / "audit" if args.run_dir else "audit-attacks"))
         out.mkdir(parents=True, exist_ok=True)
-        (out / "attacks.json").write_text(json.dumps(attacks, indent=2) + "\n", encoding="utf-8")
+        (out / "attacks.json").write_text(dumps(attacks, indent=2) + "\n", encoding="utf-8")
         result = {**result, "attacks": attacks} if args.run_dir else attacks
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(dumps(result, indent=2))
     else:
         print(format_audit(result, attacks_only=not args.run_dir))
     failed = args.run_dir and result.get("verdict") == "fail"
@@ -173,7 +163,7 @@ def format_audit(result: dict, *, attacks_only: bool) -> str:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import run_report, write_report
+    from .api import report
 
     mapping = {"dataset": args.dataset, "data-path": args.data_path or "", **parse_run_config(args.run_config or []),
                **data_overrides(args)}
@@ -181,19 +171,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                       ("seed", "seed")):
         if getattr(args, attr) is not None:
             mapping[key] = getattr(args, attr)
-    config = RunConfig.from_mapping(mapping, source="fedrec report")
     epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
-    started = time.perf_counter()
-    rows = run_report(config, epsilons=epsilons, out=Path(args.out))
-    from fedrec.shared.data.population import open_population
-
-    population = open_population(config if config.dataset in ("synthetic", "prepared") else
-                                 config.replace(dataset="prepared", data_path=str(Path(args.out) / "prepared")))
-    meta = {"dataset": config.dataset, "data_path": config.data_path, "devices": population.num_devices,
-            "items": population.num_items, "rounds": config.rounds, "devices_per_round": config.devices_per_round,
-            "delta": config.delta, "epsilons": epsilons, "seconds": time.perf_counter() - started}
-    paths = write_report(rows, Path(args.out), title=args.title or config.dataset, meta=meta)
-    print(paths[0].read_text())
+    print(report(mapping, out=args.out, epsilons=epsilons, title=args.title or "").markdown)
     return 0
 
 
@@ -222,7 +201,10 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     mapping.update({k: v for k, v in (("devices", args.devices), ("rounds", args.rounds),
                                       ("devices-per-round", args.devices_per_round), ("dataset", args.dataset),
                                       ("data-path", args.data_path)) if v is not None})
-    mapping.setdefault("devices-per-round", mapping.get("devices", RunConfig.devices))
+    if args.devices < 1 and mapping.get("dataset", "synthetic") == "synthetic":
+        # one SuperNode per device: 0 means every device of a prepared folder, but a synthetic one has no 'every'
+        raise ConfigError(f"--devices {args.devices}: a synthetic deployment needs at least 1")
+    mapping.setdefault("devices-per-round", args.devices or RunConfig.devices_per_round)
     summary = deploy_local(RunConfig.from_mapping(mapping, source="deploy-local"), Path(args.out))
     print(format_table(summary))
     return 0

@@ -250,7 +250,7 @@ def deployment_data(config: RunConfig, out: Path) -> DeploymentData:
         data = out / "data"
         catalogue = data / CATALOGUE
         if catalogue.exists():
-            files = [data / "devices" / f"{k}.csv" for k in range(config.devices)]
+            files = [data / "devices" / f"{k}.csv" for k in range(config.synthetic_devices)]
         else:
             files = write_device_data(open_population(config), data)
         dataset = "synthetic"

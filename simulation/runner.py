@@ -12,11 +12,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fedrec.server.records import default_run_dir
 from fedrec.shared.config import RunConfig
+from fedrec.shared.data.interactions import DataError
 from fedrec.shared.data.loaders import load_dataset
 from fedrec.shared.data.population import open_population
 from fedrec.shared.data.prepare import PrepareSettings, prepare_log
-from fedrec.shared.data.prepared import refuse_inside_flower_app
+from fedrec.shared.data.prepared import prepared_device_count, refuse_inside_flower_app
 from fedrec.shared.evaluation import METRIC_KEYS
 
 from .plain import node_count
@@ -93,7 +95,8 @@ def backend_config(config: RunConfig, cpus: int, *, verbose: bool) -> dict[str, 
 def simulate(config: RunConfig, *, verbose: bool = False, client_mods: list | None = None) -> dict[str, Any]:
     """Run a whole simulation; returns the summary (also written to <run dir>/summary.json).
 
-    `client_mods` are Flower mods wrapped around every device (e.g. to inject faults in tests).
+    `client_mods` are Flower mods wrapped around every device (e.g. to inject faults in tests). An empty
+    out-dir is runs/<timestamp>.
     """
     quiet_environment()
     from flwr.simulation import run_simulation  # after the environment is set
@@ -101,7 +104,7 @@ def simulate(config: RunConfig, *, verbose: bool = False, client_mods: list | No
     from fedrec.client.app import build_client_app
     from fedrec.server.app import build_server_app
 
-    run_dir = Path(config.out_dir).resolve()
+    run_dir = Path(config.out_dir or default_run_dir()).resolve()
     refuse_inside_flower_app(run_dir, "out-dir")  # before anything is written there
     if config.state_dir:
         refuse_inside_flower_app(Path(config.state_dir), "state-dir")
@@ -111,6 +114,9 @@ def simulate(config: RunConfig, *, verbose: bool = False, client_mods: list | No
         config = config.replace(state_dir=str(run_dir / "device-state"))
     config = config.replace(out_dir=str(run_dir))
     devices = open_population(config).num_devices
+    available = data_set_devices(config)
+    if available is not None:
+        log.info("%d of the data set's %d devices take part (devices=%d; 0 = all)", devices, available, config.devices)
     logging.getLogger("flwr").setLevel(logging.INFO if verbose else logging.WARNING)
     cpus = os.cpu_count() or 1
     nodes = node_count(config, devices, cpus=cpus)
@@ -124,6 +130,16 @@ def simulate(config: RunConfig, *, verbose: bool = False, client_mods: list | No
     if not summary_path.exists():
         raise RuntimeError(f"the simulation ended without writing {summary_path}; see the log above")
     return json.loads(summary_path.read_text())
+
+
+def data_set_devices(config: RunConfig) -> int | None:
+    """Devices in the run's real data set (its prepared folder's manifest); None for synthetic data or unreadable."""
+    if config.dataset != "prepared":
+        return None
+    try:
+        return prepared_device_count(Path(config.data_path))
+    except (DataError, OSError):
+        return None
 
 
 def privacy_lines(summary: dict[str, Any]) -> list[str]:
@@ -154,13 +170,17 @@ def _cell(value: float | None) -> str:
     return f"{'-':>13}" if value is None or value != value else f"{value:>13.4f}"
 
 
-def format_table(summary: dict[str, Any]) -> str:
-    """The final table: the federated model against the baselines, and the privacy spent."""
+def format_table(summary: dict[str, Any], *, available: int | None = None) -> str:
+    """The final table: the federated model against the baselines, and the privacy spent.
+
+    `available`: the devices of the real data set (see data_set_devices); the header then says "N of M devices".
+    """
     label = "federated + DP" if summary["dp"] else "federated (no DP)"
     rows = [(label, summary["metrics"])] + [(name.replace("_", " "), block)
                                             for name, block in summary["baselines"].items()]
     header = f"{'model':<20}" + "".join(f"{k:>13}" for k in METRIC_KEYS)
-    lines = [f"{summary['dataset']}: {summary['devices']} devices, {summary['items']} items, "
+    devices = f"{summary['devices']} devices" if available is None else f"{summary['devices']} of {available} devices"
+    lines = [f"{summary['dataset']}: {devices}, {summary['items']} items, "
              f"{summary['rounds']} rounds", header, "-" * len(header)]
     lines += [f"{name:<20}" + "".join(_cell(block.get(k)) for k in METRIC_KEYS) for name, block in rows]
     lines += privacy_lines(summary)

@@ -9,13 +9,13 @@ for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "
     os.environ.setdefault(_key, _value)
 
 import json  # noqa: E402
-import subprocess  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from fedrec.shared.config import RunConfig  # noqa: E402
+from fedrec.simulation import procs  # noqa: E402
 
 
 @pytest.fixture
@@ -32,21 +32,10 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def ray_processes() -> dict[int, str]:
     """Ray daemons and workers that are ours: descendants of this process, or orphans (parent 1)."""
-    out = subprocess.run(["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout
-    rows = [line.split(None, 2) for line in out.splitlines() if len(line.split(None, 2)) == 3]
-    parent = {int(pid): int(ppid) for pid, ppid, _ in rows}
-
-    def ours(pid: int) -> bool:
-        if parent.get(pid) == 1:
-            return True
-        while pid in parent and pid > 1:
-            if pid == os.getpid():
-                return True
-            pid = parent[pid]
-        return False
-
-    tags = ("raylet", "gcs_server", "ray::", "default_worker.py", "ClientAppActor")
-    return {int(pid): args for pid, _, args in rows if any(t in args for t in tags) and ours(int(pid))}
+    parent_of = procs.parents()
+    ours = procs.with_descendants([os.getpid()], parent_of) | {pid for pid, ppid in parent_of.items() if ppid == 1}
+    found = {pid: procs.command_line(pid) for pid in ours}
+    return {pid: args for pid, args in found.items() if any(tag in args for tag in procs.RAY_TAGS)}
 
 
 def wait_until_gone(started: set[int], timeout: float = 20.0) -> dict[int, str]:

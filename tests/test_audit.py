@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from opacus.accountants.analysis import rdp as opacus_rdp
 
 from fedrec.server.audit import audit_run, classic_rdp_conversion
+from fedrec.server.core import round_plan
 from fedrec.shared.config import RunConfig
 from fedrec.shared.privacy.accounting import epsilon
 from fedrec.simulation.cli import main as fedrec
@@ -73,6 +74,17 @@ def test_a_round_run_with_other_parameters_is_flagged(finished_run, tmp_path, fo
     codes = {f["code"] for f in result["flags"]}
     expected = "ledger_lines_disagree" if forged == "outcome line only" else "plan_differs_from_config"
     assert result["verdict"] == "fail" and expected in codes
+
+
+@pytest.mark.parametrize("field,value", [("user-scale", 1e-40), ("num-negatives", 1), ("grad-sample-mode", "ghost")])
+def test_every_plan_field_is_checked_against_the_config(finished_run, tmp_path, field, value):
+    def craft(entries):  # a consistent forgery of a round's plan in both of its lines
+        for line in [e for e in entries if e["kind"] == "train" and e["round"] == 2]:
+            line["plan"][field] = value
+
+    result = audit_run(tampered_copy(finished_run[2], tmp_path, craft))
+    assert result["verdict"] == "fail" and any(f["code"] == "plan_differs_from_config" and field in f["message"]
+                                               for f in result["flags"])
 
 
 def test_a_hidden_participation_is_flagged(finished_run, tmp_path):
@@ -140,8 +152,7 @@ def write_honest_run(path: Path, *, sigma: float, rounds: int, participation: li
     histories: dict[str, list] = {}
     lines = []
     for rnd, members in enumerate(participation, start=1):
-        plan = {"dp": True, "delta": config.delta, "sample-rate": 1.0, "clip-norm": config.clip_norm, "steps": 1,
-                "user-steps": 0, "noise-multiplier": sigma, "user-noise-multiplier": 2 * sigma}
+        plan = round_plan(config, rnd, sigma).to_config()
         trained = [f"d{k}" for k in members]
         for device in trained:
             histories.setdefault(device, []).append((sigma, 1.0, 1))

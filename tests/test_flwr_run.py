@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -51,28 +49,5 @@ def test_flwr_run_on_local_simulation(tmp_path):
         assert len((run_dir / "ledger.jsonl").read_text().splitlines()) == len(ledger)  # nothing was sent
     finally:
         # `flwr run` leaves its local SuperLink running in the background: stop it (and its executor) by PID.
-        stop(processes_mentioning(str(home)))
+        procs.stop(processes_mentioning(str(home)))
         assert processes_mentioning(str(home)) == []
-
-
-def stop(pids: list[int], grace: float = 10.0) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
-        time.sleep(0.2)
-    for pid in pids:
-        if _alive(pid):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    state = Path(f"/proc/{pid}/stat")
-    return not (state.exists() and state.read_text().split(") ", 1)[1].startswith("Z"))

@@ -147,3 +147,48 @@ def test_data_errors_leave_the_device_as_a_code_without_data(tmp_path, caplog):
     assert reply.has_error() and reply.error.reason == "device-data"
     unknown = build_client_app(RunConfig(embedding_dim=4))(request(t), deployed(tmp_path, data, **{"budget": 3}))
     assert unknown.has_error() and unknown.error.reason == "node-config"
+
+
+# --- hostile inputs: what a server crafts is refused before it can shape what leaves the device ----------------
+
+HOSTILE_REQUESTS = {
+    "NaN item table": ("tables", lambda t: t.embedding.__setitem__((3, 0), np.nan), "bad-message", "not finite"),
+    "huge item bias": ("tables", lambda t: t.bias.__setitem__(5, -3e38), "bad-message", "not finite or exceed"),
+    "infinite user scale": ("plan", {"user_scale": float("inf")}, "bad-plan", "not finite"),
+    "vanishing user scale": ("plan", {"user_scale": 1e-40}, "bad-plan", "user_scale=1e-40 is out of range"),
+    "infinite noise": ("plan", {"noise_multiplier": float("inf")}, "bad-plan", "not finite"),
+    "NaN delta clip": ("clip", float("nan"), "bad-message", "delta-clip-norm"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_REQUESTS))
+def test_crafted_tables_and_plans_are_refused_before_the_data_is_read(tmp_path, case, caplog):
+    where, change, code, reason = HOSTILE_REQUESTS[case]
+    t = tables(num_items=write_catalogue(tmp_path), dim=4)
+    plan_changes = change if where == "plan" else {}
+    if where == "tables":
+        change(t)
+    try:
+        req = request(t, **plan_changes)
+    except Exception:  # the plan builder itself refuses it: send the raw config as a server would
+        good = plan().to_config()
+        good.update({k.replace("_", "-"): v for k, v in plan_changes.items()})
+        req = request(t)
+        req.content[P.PLAN] = ConfigRecord(good)
+    if where == "clip":
+        req.content[P.COHORT][P.DELTA_CLIP] = change
+    reply = build_client_app(RunConfig(embedding_dim=4))(req, deployed(tmp_path, tmp_path / "d.csv"))  # no such file
+    assert reply.has_error() and reply.error.reason == code  # not device-data: the file was never opened
+    assert reason in caplog.text
+    assert not (tmp_path / "state" / STATE_FILE).exists()  # nothing spent, nothing stored
+
+
+def test_an_evaluation_release_stays_finite_whatever_the_metrics(tmp_path):
+    from fedrec.shared.eval_release import noisy_metrics
+
+    eval_plan = EvaluationPlan(server_round=1, dp=True, noise_multiplier=1.0, delta=1e-5, refit_l2=1.0)
+    released = noisy_metrics({"hr@10": float("nan"), "ndcg@10": float("inf"), "recall@20": -3.0}, eval_plan,
+                             np.random.default_rng(0))
+    assert all(np.isfinite(v) for v in released.values())
+    with pytest.raises(Exception, match="refit-l2"):
+        EvaluationPlan(server_round=1, dp=True, noise_multiplier=1.0, delta=1e-5, refit_l2=1e-300)

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from fedrec.shared.config import RunConfig
+from fedrec.simulation import procs
 from fedrec.simulation.procs import free_port, processes_mentioning
 
 
@@ -34,16 +33,7 @@ def ray_head(tmp_path):
         yield f"127.0.0.1:{port}"
     finally:
         started = processes_mentioning(str(temp_dir), descendants=True)  # workers rename themselves 'ray::...'
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            for pid in started:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.monotonic() + 15
-            while any(Path(f"/proc/{pid}").exists() for pid in started) and time.monotonic() < deadline:
-                time.sleep(0.3)
-        left = [pid for pid in started if Path(f"/proc/{pid}").exists()] + processes_mentioning(str(temp_dir))
+        left = procs.stop(started, grace=15) + processes_mentioning(str(temp_dir))
         shutil.rmtree(temp_dir, ignore_errors=True)
         assert not left, f"Ray head processes still running: {left}"
 

@@ -12,7 +12,6 @@ from fedrec.server.core import (
     TRAIN_SALT,
     ItemModelServer,
     ServerRandomness,
-    round_attempt,
     sample_devices,
 )
 from fedrec.shared.aggregation import PartialSum
@@ -58,12 +57,6 @@ def test_every_attempt_of_a_round_gets_fresh_noise_even_when_seeded():
     seeded = ServerRandomness.seeded(CONFIG.seed)
     assert not np.array_equal(noisy_round(seeded, attempt=0), noisy_round(seeded, attempt=1))
     np.testing.assert_array_equal(noisy_round(seeded, attempt=1), noisy_round(seeded, attempt=1))
-    old_format = [{"round": 0, "kind": "popularity"}, {"round": 1, "kind": "train"}, {"round": 2, "kind": "train"},
-                  {"round": 2, "kind": "train"}]
-    assert [round_attempt(old_format, r) for r in (1, 2, 3)] == [1, 2, 0]
-    write_ahead = [{"round": 1, "kind": "train", "status": s, "attempt": a} for s, a in
-                   (("sent", 0), ("done", 0), ("sent", 1))]  # attempt 1 died after sending
-    assert round_attempt(write_ahead, 1) == 2 and round_attempt(write_ahead, 1, "evaluate") == 0
 
 
 def test_only_the_in_memory_simulation_grid_is_seeded():

@@ -78,15 +78,13 @@ def shard_members(num_devices: int, shard: int, shards: int) -> range:
 
 
 def synthetic_spec(config: RunConfig) -> SyntheticSpec:
-    return SyntheticSpec(num_devices=config.devices, num_items=config.synthetic_items,
+    return SyntheticSpec(num_devices=config.synthetic_devices, num_items=config.synthetic_items,
                          num_topics=config.synthetic_topics, mean_events=config.synthetic_mean_events,
                          popularity_skew=config.synthetic_popularity_skew,
                          taste_share=config.synthetic_taste_share, seed=config.seed)
 
 
-def _check_app_dataset(config: RunConfig, *, population: bool) -> None:
-    if population and config.dataset == "synthetic" and config.devices < 1:
-        raise ConfigError("devices: a synthetic population needs devices >= 1")
+def _check_app_dataset(config: RunConfig) -> None:
     if config.dataset not in ("synthetic", "prepared"):
         raise ConfigError(f"dataset '{config.dataset}': the Flower app reads 'synthetic' or 'prepared' data; run "
                           f"'fedrec prepare --dataset {config.dataset} --data-path ... --out DIR' and pass "
@@ -95,7 +93,7 @@ def _check_app_dataset(config: RunConfig, *, population: bool) -> None:
 
 def open_population(config: RunConfig) -> Population:
     """The devices of a simulation (synthetic or prepared); raw formats must be prepared first."""
-    _check_app_dataset(config, population=True)
+    _check_app_dataset(config)
     if config.dataset == "synthetic":
         return SyntheticPopulation(synthetic_spec(config))
     prepared = PreparedData(config.data_path)
@@ -106,8 +104,10 @@ def open_population(config: RunConfig) -> Population:
 
 def simulated_device_count(config: RunConfig) -> int:
     """How many devices open_population(config) holds, without reading or generating any device's events."""
-    _check_app_dataset(config, population=True)
-    total = config.devices if config.dataset == "synthetic" else prepared_device_count(Path(config.data_path))
+    _check_app_dataset(config)
+    if config.dataset == "synthetic":
+        return config.synthetic_devices
+    total = prepared_device_count(Path(config.data_path))
     return config.devices if 0 < config.devices < total else total
 
 
@@ -117,7 +117,7 @@ def open_catalogue(config: RunConfig, *, deployed: bool) -> Catalogue:
     Synthetic: generated from the seed. Prepared: deployed, data-path must be a server folder (catalogue.csv
     and a manifest, nothing else); in a simulation it may also be the prepared folder (its catalogue.csv).
     """
-    _check_app_dataset(config, population=False)
+    _check_app_dataset(config)
     if config.dataset == "synthetic":
         return synthetic_catalogue(synthetic_spec(config))
     path = Path(config.data_path)

@@ -12,14 +12,16 @@ import csv
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .catalogue import Catalogue, read_our_csv
-from .formats import RawLog
 from .interactions import MIN_EVENTS, DataError, DeviceEvents, Interactions
 from .prepared import CATALOGUE, SERVER_FOLDER, refuse_inside_flower_app, write_prepared, write_server_folder
+
+if TYPE_CHECKING:  # the raw-log readers need pandas; a device reading its own events file does not
+    from .formats import RawLog
 
 log = logging.getLogger("fedrec.data")
 DEVICE_FILE_COLUMNS = ("item_index", "timestamp", "weight")

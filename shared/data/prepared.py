@@ -138,7 +138,7 @@ def refuse_inside_flower_app(path: Path | str, what: str) -> None:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.write_text(json.dumps(value, indent=2) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n", encoding="utf-8")
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -2,9 +2,14 @@
 
 A device's history is Opacus's accountant history, ``[(noise_multiplier, sample_rate,
 steps), ...]``. RDP composes additively, so the curve of one step of each (sigma, q) is
-computed once (Mironov et al. 2019, via Opacus) and scaled by the step count; epsilon is
-Opacus's RDP-to-(epsilon, delta) conversion (Balle et al. 2020, Thm. 21). The same numbers
-come out of ``opacus.accountants.RDPAccountant.get_epsilon``; this path is only faster.
+computed once and scaled by the step count; epsilon is the RDP-to-(epsilon, delta) conversion
+of Balle et al. 2020, Thm. 21. With q = 1 (every example in every step: the default, and the
+popularity report and evaluation releases) one step is the Gaussian mechanism, whose RDP at
+order a is a / (2 sigma^2) (Mironov 2017, Prop. 7): computed here without Opacus, so that a
+device checks its budget for the messages that do not train without importing torch. With
+q < 1 the subsampled curve (Mironov et al. 2019) comes from Opacus, imported then. The same
+numbers come out of ``opacus.accountants.RDPAccountant.get_epsilon`` (tests/test_accounting.py
+and tests/test_import_cost.py pin the equality); this path is only faster.
 """
 
 from __future__ import annotations
@@ -14,11 +19,10 @@ from collections.abc import Iterable, Sequence
 from functools import lru_cache
 
 import numpy as np
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
 
 HistoryEntry = tuple[float, float, int]
-RDP_ORDERS: tuple[float, ...] = tuple(RDPAccountant.DEFAULT_ALPHAS)
+# opacus.accountants.RDPAccountant.DEFAULT_ALPHAS
+RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 
 
 def normalize_history(history: Iterable[Sequence[float]]) -> list[HistoryEntry]:
@@ -44,8 +48,18 @@ def compact_history(history: Iterable[Sequence[float]]) -> list[HistoryEntry]:
 
 @lru_cache(maxsize=1024)
 def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
-    curve = rdp_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDP_ORDERS)
-    curve = np.asarray(curve, dtype=np.float64)
+    orders = np.asarray(RDP_ORDERS, dtype=np.float64)
+    if sample_rate <= 0:
+        curve = np.zeros_like(orders)
+    elif noise_multiplier <= 0:
+        curve = np.full_like(orders, np.inf)
+    elif sample_rate >= 1.0:
+        curve = orders / (2.0 * noise_multiplier**2)  # the Gaussian mechanism, sensitivity 1
+    else:
+        from opacus.accountants.analysis import rdp as subsampled  # imports torch: only for q < 1
+
+        curve = np.asarray(subsampled.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
+                                                  orders=list(RDP_ORDERS)), dtype=np.float64)
     curve.setflags(write=False)
     return curve
 
@@ -62,8 +76,16 @@ def epsilon(history: Iterable[HistoryEntry], *, delta: float) -> float:
     curve = rdp_curve(history)
     if not curve.any():
         return 0.0
-    eps, _ = rdp_analysis.get_privacy_spent(orders=RDP_ORDERS, rdp=curve, delta=delta)
-    return float(eps)
+    return epsilon_from_rdp(curve, delta=delta)
+
+
+def epsilon_from_rdp(curve: np.ndarray, *, delta: float) -> float:
+    """Balle et al. 2020, Thm. 21: epsilon = min over orders a of rdp(a) + log((a-1)/a) - (log delta + log a)/(a-1)."""
+    orders = np.asarray(RDP_ORDERS, dtype=np.float64)
+    with np.errstate(invalid="ignore"):  # an infinite curve (no noise) gives inf, never a number
+        candidates = curve + np.log((orders - 1) / orders) - (math.log(delta) + np.log(orders)) / (orders - 1)
+    candidates = candidates[~np.isnan(candidates)]
+    return float(candidates.min()) if candidates.size else math.inf
 
 
 def epsilon_after(history: Sequence[HistoryEntry], round_steps: Sequence[HistoryEntry], *, delta: float) -> float:

@@ -10,7 +10,6 @@ except the non-private central MF, which keeps the user rows it learned.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fedrec.server.records import dumps  # noqa: E402
 from fedrec.shared.baselines import (  # noqa: E402
     CentralDP,
     CentralMFSettings,
@@ -36,7 +36,7 @@ from fedrec.shared.evaluation import CategoryDiversity, evaluate_population  # n
 from fedrec.shared.ranking import evaluate_with_refit  # noqa: E402
 
 from .plain import run_plain  # noqa: E402
-from .runner import prepare_run_data  # noqa: E402
+from .runner import data_set_devices, prepare_run_data  # noqa: E402
 
 log = logging.getLogger("fedrec.simulation")
 COLUMNS = ("hr@10", "ndcg@10", "recall@20", "coverage@10", "diversity@10")
@@ -105,6 +105,19 @@ def run_report(config: RunConfig, *, epsilons: list[float], out: Path) -> list[R
     return rows
 
 
+def make_report(config: RunConfig, *, epsilons: list[float], out: Path, title: str = "") -> list[Path]:
+    """Run every row (run_report) and write report.md/csv/json/png under `out`; returns their paths."""
+    started = time.perf_counter()
+    rows = run_report(config, epsilons=epsilons, out=out)
+    prepared = prepare_run_data(config, Path(out))  # already prepared by run_report: only names the folder
+    population = open_population(prepared)
+    meta = {"dataset": config.dataset, "data_path": config.data_path, "devices": population.num_devices,
+            "devices_available": data_set_devices(prepared), "items": population.num_items, "rounds": config.rounds,
+            "devices_per_round": config.devices_per_round, "delta": config.delta, "epsilons": epsilons,
+            "seconds": time.perf_counter() - started}
+    return write_report(rows, Path(out), title=title or config.dataset, meta=meta)
+
+
 def write_report(rows: list[Row], out: Path, *, title: str, meta: dict[str, Any]) -> list[Path]:
     out = Path(out)
     paths = [out / "report.md", out / "report.csv", out / "report.json", out / "report.png"]
@@ -115,10 +128,10 @@ def write_report(rows: list[Row], out: Path, *, title: str, meta: dict[str, Any]
         for r in rows:
             writer.writerow([r.model, r.kind, r.epsilon_target, r.epsilon_max, r.epsilon_median,
                              *[r.metrics.get(c) for c in columns], r.seconds])
-    paths[2].write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    paths[2].write_text(dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n", encoding="utf-8")
     _plot(rows, paths[3], title)
     lines = [f"# Privacy-utility report: {title}", "",
-             f"{meta['devices']} devices, {meta['items']} items, {meta['rounds']} rounds of "
+             f"{_devices(meta)}, {meta['items']} items, {meta['rounds']} rounds of "
              f"{meta['devices_per_round']} devices; delta {meta['delta']:g}; full ranking, leave-last-out; "
              f"{meta['seconds']:.0f} s in all.", "",
              "| model | epsilon (max / median per device) | " + " | ".join(columns) + " | time |",
@@ -133,6 +146,11 @@ def write_report(rows: list[Row], out: Path, *, title: str, meta: dict[str, Any]
               "category distance (1 - Jaccard) within each top-10 list.", "", "![HR and NDCG against epsilon](report.png)"]
     paths[0].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
+
+
+def _devices(meta: dict[str, Any]) -> str:
+    available = meta.get("devices_available")
+    return f"{meta['devices']} devices" if available is None else f"{meta['devices']} of {available} devices"
 
 
 def _plot(rows: list[Row], path: Path, title: str) -> None:

@@ -1,0 +1,103 @@
+"""The round plan a device receives, and the checks it holds every plan to (no torch, no Opacus).
+
+Parsing and validating a plan happens on every message a device answers; training it needs
+torch and Opacus (shared/training.py, which re-exports these names). Keeping them apart lets a
+device answer the messages that do not train without importing either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .privacy.accounting import HistoryEntry
+
+
+class PlanError(ValueError):
+    """A round plan from the server is missing a key or holds an invalid value."""
+
+
+# A device takes a plan's numbers only within these bounds (and finite): a server that sends inf, NaN or
+# extreme scales could otherwise overflow the loss, and a non-finite clip factor survives clipping and noise.
+SCALE_RANGE = (1e-3, 1e3)  # user-scale, bias-scale
+MAX_LR = 1e3  # lr, user-lr, user-step-cap, clip-norm
+MAX_NOISE_MULTIPLIER = 1e6
+MAX_NEGATIVES = 10_000
+
+
+@dataclass(frozen=True)
+class LocalTrainingPlan:
+    """What the server fixes for one round of local training; sent in every train message."""
+
+    server_round: int
+    lr: float
+    user_lr: float
+    steps: int
+    user_steps: int
+    user_noise_multiplier: float
+    sample_rate: float
+    num_negatives: int
+    user_step_cap: float
+    user_scale: float
+    bias_scale: float
+    train_biases: bool
+    dp: bool
+    noise_multiplier: float
+    clip_norm: float
+    delta: float
+    grad_sample_mode: str
+
+    def __post_init__(self) -> None:
+        low, high = SCALE_RANGE
+        checks = {
+            "server_round": self.server_round >= 1, "lr": 0 < self.lr <= MAX_LR, "user_lr": 0 <= self.user_lr <= MAX_LR,
+            "user_step_cap": 0 <= self.user_step_cap <= MAX_LR, "user_scale": low <= self.user_scale <= high,
+            "bias_scale": low <= self.bias_scale <= high,
+            "steps": self.steps >= 1, "user_steps": self.user_steps >= 0,
+            "user_noise_multiplier": (self.user_noise_multiplier > 0 or not self.dp or self.user_steps == 0) and
+                                     0 <= self.user_noise_multiplier <= MAX_NOISE_MULTIPLIER,
+            "sample_rate": 0 < self.sample_rate <= 1, "num_negatives": 1 <= self.num_negatives <= MAX_NEGATIVES,
+            "noise_multiplier": (self.noise_multiplier > 0 or not self.dp) and
+                                0 <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER,
+            "clip_norm": 0 < self.clip_norm <= MAX_LR,
+            "delta": 0 < self.delta < 1, "grad_sample_mode": self.grad_sample_mode in ("hooks", "ghost", "auto"),
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise PlanError(f"round plan: {name}={getattr(self, name)!r} is out of range")
+
+    def privacy_steps(self) -> list[HistoryEntry]:
+        """The (sigma, q, steps) this round adds to a device's privacy history (nothing without DP)."""
+        if not self.dp:
+            return []
+        steps = [(self.noise_multiplier, self.sample_rate, self.steps)]
+        if self.user_steps:
+            steps.append((self.user_noise_multiplier, self.sample_rate, self.user_steps))
+        return steps
+
+    def to_config(self) -> dict[str, Any]:
+        return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> LocalTrainingPlan:
+        return plan_from_config(cls, config)
+
+
+def plan_from_config(cls: Any, config: dict[str, Any]) -> Any:
+    """Build a frozen plan dataclass from its kebab-case config record, checking every key and type."""
+    values: dict[str, Any] = {}
+    for f in fields(cls):
+        key = f.name.replace("_", "-")
+        if key not in config:
+            raise PlanError(f"round plan: missing key '{key}'")
+        value = config[key]
+        kind = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise PlanError(f"round plan: '{key}'={value!r} should be {kind.__name__}")
+        if kind is float and not math.isfinite(value):
+            raise PlanError(f"round plan: '{key}'={value!r} is not finite")
+        values[f.name] = value
+    return cls(**values)
