@@ -96,3 +96,16 @@ def test_an_evaluation_release_is_noised_and_charged(tmp_path):
     assert FileStateStore(tmp_path / "s.json").load().history == ((5.0, 1.0, 1),)
     assert outcome.epsilon == pytest.approx(epsilon([(5.0, 1.0, 1)], delta=1e-5))
     assert not all(0.0 <= v <= 1.0 for v in metrics.values()) or eval_plan.metric_std > 1  # noise of std 8.7
+
+
+def test_all_zero_tables_do_not_reveal_the_number_of_distinct_items(tmp_path):
+    """With all-zero tables every unseen item ties, so the exact hr@10 would be 10 / #unseen: the release is not."""
+    from fedrec.shared.model import ItemTables
+
+    zero = ItemTables(embedding=np.zeros((40, 4), np.float32), bias=np.zeros(40, np.float32))
+    d = device(tmp_path / "s.json", budget=100.0)
+    exact = 10 / (40 - 6)  # 8 distinct items: 6 train, 1 validation, 1 test; the test item ranks among 34 ties
+    released = [d.evaluate(EvaluationPlan(server_round=r, dp=True, noise_multiplier=5.0, delta=1e-5, refit_l2=1.0),
+                           zero, nonce=r)[1]["hr@10"] for r in range(1, 4)]
+    assert all(abs(v - exact) > 1e-6 for v in released) and len(set(released)) == 3
+    assert FileStateStore(tmp_path / "s.json").load().history == ((5.0, 1.0, 3),)  # each release was charged
