@@ -87,6 +87,17 @@ def run_server(grid: Grid, config: RunConfig) -> dict[str, Any]:
     return summary
 
 
+def _log_through_flower() -> None:
+    """A deployed ServerApp's own process has no logging set up: send fedrec's progress lines (one per round,
+    with its time) through Flower's handlers, which `flwr run --stream` shows and the SuperLink keeps."""
+    ours = logging.getLogger("fedrec")
+    if ours.handlers or logging.getLogger().handlers:
+        return  # a simulation (or a caller) already shows them
+    for handler in logging.getLogger("flwr").handlers:
+        ours.addHandler(handler)
+    ours.setLevel(logging.INFO)
+
+
 def build_server_app(config: RunConfig | None = None) -> ServerApp:
     """A ServerApp bound to `config`, or (None) reading the run config Flower passes in the Context."""
     server_app = ServerApp()
@@ -97,6 +108,7 @@ def build_server_app(config: RunConfig | None = None) -> ServerApp:
             # The simulation's in-memory grid polls for replies every 0.1 s by default, a fixed wait on
             # every round that is larger than a cohort round's training; replies are cheap to poll for.
             grid.pull_interval = min(grid.pull_interval, GRID_PULL_INTERVAL_S)
+        _log_through_flower()
         run_server(grid, config or RunConfig.from_mapping(context.run_config))
 
     return server_app

@@ -19,7 +19,7 @@ from fedrec.shared.data.catalogue import Catalogue
 from fedrec.shared.model import ItemTables, initial_item_tables
 from fedrec.shared.popularity import PopularityPlan, biases_from_counts
 from fedrec.shared.privacy.accounting import calibrate_noise_multiplier
-from fedrec.shared.training import LocalTrainingPlan
+from fedrec.shared.plans import LocalTrainingPlan
 
 from .aggregation import ServerOptimizer
 

@@ -7,7 +7,6 @@ import math
 import statistics
 from typing import Any
 
-from fedrec.shared.baselines import CentralMFSettings, central_mf_metrics, popularity_metrics, random_metrics
 from fedrec.shared.config import RunConfig
 from fedrec.shared.data.population import Population, population_splits
 from fedrec.shared.evaluation import METRIC_KEYS
@@ -97,6 +96,9 @@ def reference_metrics(config: RunConfig, population: Population, tables: ItemTab
     Ranking uses each device's on-device re-fit, so these are the numbers the devices would
     compute themselves; the simulation can see all data, a deployment's server cannot.
     """
+    # the baselines train a central MF with torch: imported here, not by a deployed ServerApp
+    from fedrec.shared.baselines import CentralMFSettings, central_mf_metrics, popularity_metrics, random_metrics
+
     splits = population_splits(population)
     n = population.num_items
     log.info("evaluating the federated model and baselines on all %d devices", len(splits))

@@ -97,3 +97,11 @@ def test_device_and_server_hold_plans_to_the_same_classes():
     for name in ("PlanError", "LocalTrainingPlan", "plan_from_config", "MAX_NOISE_MULTIPLIER", "SCALE_RANGE",
                  "MAX_LR", "MAX_NEGATIVES"):
         assert getattr(training, name) is getattr(plans, name), f"shared/training.py defines its own {name}"
+
+
+def test_a_deployed_serverapp_imports_neither_torch_nor_opacus():
+    """The deployed server only aggregates: torch comes in only with a simulation's central baselines."""
+    code = "import sys, fedrec.server.app; print(sorted(m for m in ('torch', 'opacus') if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
