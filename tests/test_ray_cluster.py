@@ -9,6 +9,7 @@ import sys
 import threading
 from pathlib import Path
 
+import psutil
 import pytest
 
 from fedrec.shared.config import RunConfig
@@ -38,6 +39,21 @@ def ray_head(tmp_path):
         assert not left, f"Ray head processes still running: {left}"
 
 
+def raylets(temp_dir_prefix: str, *, inside: bool) -> set[int]:
+    """Raylet daemons whose command line does (inside) or does not name the head's temp dir.
+
+    Name and command line are read in one snapshot per process: a Ray worker's command line also
+    mentions "raylet" (its socket path) until it renames itself, so two separate scans could
+    misclassify it.
+    """
+    found = set()
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        cmdline = " ".join(proc.info["cmdline"] or ())
+        if proc.info["name"] == "raylet" and (temp_dir_prefix in cmdline) == inside:
+            found.add(proc.pid)
+    return found
+
+
 def test_simulation_attaches_to_a_running_ray_cluster(ray_head, tmp_path):
     from fedrec.simulation.runner import simulate
 
@@ -45,14 +61,14 @@ def test_simulation_attaches_to_a_running_ray_cluster(ray_head, tmp_path):
                        embedding_dim=4, num_negatives=4, rounds=2, devices_per_round=6, eval_every=2,
                        eval_devices=6, baselines=False, federated_eval=True, ray_address=ray_head,
                        out_dir=str(tmp_path / "run"))
-    before = set(processes_mentioning("raylet"))
+    assert raylets("fedrec-ray-", inside=True), "the detector does not see the head's own raylet"
+    before = raylets("fedrec-ray-", inside=False)
     private_raylets: set[int] = set()
     done = threading.Event()
 
     def watch() -> None:  # a raylet outside the head would mean the simulation started its own Ray
         while not done.wait(0.2):
-            private_raylets.update(pid for pid in processes_mentioning("raylet") if pid not in before
-                                   and pid not in processes_mentioning("fedrec-ray-"))
+            private_raylets.update(raylets("fedrec-ray-", inside=False) - before)
 
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
