@@ -23,7 +23,12 @@ from fedrec.shared import protocol as P
 from fedrec.shared.aggregation import PartialSum
 from fedrec.shared.config import ConfigError, RunConfig
 from fedrec.shared.data.interactions import DataError
-from fedrec.shared.device import Device, NonFiniteUpdate, TrainOutcome, report_popularity_sum, train_devices
+from fedrec.shared.config import SECURE_MODES
+from fedrec.shared.device import (Device, NonFiniteUpdate, TrainOutcome, report_popularity_sum, share_seed,
+                                  train_devices)
+from fedrec.shared.distributed_dp import GridSum, SumMechanism
+from fedrec.shared.secagg import SecAggError
+from fedrec.shared.secure_release import popularity_mechanism, training_mechanism
 from fedrec.shared.eval_release import RELEASED_METRICS, EvaluationPlan
 from fedrec.shared.plans import LocalTrainingPlan, PlanError
 from fedrec.shared.policy import PolicyError
@@ -39,7 +44,7 @@ DEVICE_ERROR_CODE = 100
 ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (ConfigError, "node-config"), (PolicyError, "device-policy"), (PlanError, "bad-plan"),
     (P.ProtocolError, "bad-message"), (StateError, "device-state"), (DataError, "device-data"),
-    (NonFiniteUpdate, "non-finite-update"))
+    (NonFiniteUpdate, "non-finite-update"), (SecAggError, "secure-aggregation"))
 
 
 def _arrays(record: ArrayRecord) -> dict:
@@ -53,9 +58,14 @@ def _devices_record(devices: list[Device], outcomes: list[TrainOutcome] | None =
     return ConfigRecord(record)
 
 
-def _report(outcomes: list[TrainOutcome], clipped: int = 0) -> MetricRecord:
-    return MetricRecord({"declined": [int(o.declined) for o in outcomes],
-                         "epsilon": [float(o.epsilon) for o in outcomes], "clipped": clipped})
+def _report(outcomes: list[TrainOutcome], clipped: int | None = None) -> MetricRecord:
+    """Per-device public figures: declined flags and cumulative epsilons (computed from public plans and
+    histories); `clipped` (a local-mode node's count of clipped updates) only where the server sees updates."""
+    report = {"declined": [int(o.declined) for o in outcomes], "epsilon": [float(o.epsilon) for o in outcomes],
+              "epsilon-subverted": [float(o.epsilon_subverted) for o in outcomes]}
+    if clipped is not None:
+        report["clipped"] = clipped
+    return MetricRecord(report)
 
 
 def error_code(err: BaseException) -> str:
@@ -72,6 +82,11 @@ def handle_train(message: Message, context: Context, config: RunConfig) -> Messa
     plan = LocalTrainingPlan.from_config(dict(message.content[P.PLAN]))
     tables = P.tables_from_arrays(_arrays(message.content[P.TABLES]))
     node.received(tables, plan.server_round)
+    if plan.privacy in SECURE_MODES:
+        return _modelled_sum(message, devices, plan, training_mechanism(
+            plan, tables.num_items, tables.dim, P.threshold(message.content[P.COHORT])),
+            lambda grid, t: train_devices(devices, plan, tables, secure=grid, t_min=t,
+                                          nonce=P.nonce(message.content[P.COHORT])))
     total = PartialSum.zeros(tables.num_items, tables.dim)
     clip = P.delta_clip(message.content[P.COHORT])
     outcomes = train_devices(devices, plan, tables, into=total, delta_clip=clip,
@@ -87,6 +102,11 @@ def handle_popularity(message: Message, context: Context, config: RunConfig) -> 
     node = open_node(context, config)
     devices = node.devices(message.content)
     plan = PopularityPlan.from_config(dict(message.content[P.PRIOR]))
+    if plan.dp and plan.privacy in SECURE_MODES:
+        return _modelled_sum(message, devices, plan, popularity_mechanism(
+            plan, node.num_items, P.threshold(message.content[P.COHORT])),
+            lambda grid, t: report_popularity_sum(devices, plan, node.num_items, secure=grid, t_min=t,
+                                                  nonce=P.nonce(message.content[P.COHORT]))[0])
     outcomes, total = report_popularity_sum(devices, plan, node.num_items, nonce=P.nonce(message.content[P.COHORT]))
     content = RecordDict({P.REPORT: _report(outcomes), P.DEVICE: _devices_record(devices, outcomes)})
     if total is not None:
@@ -108,6 +128,20 @@ def handle_evaluate(message: Message, context: Context, config: RunConfig) -> Me
     content = RecordDict({P.REPORT: _report(outcomes), P.DEVICE: _devices_record(devices, outcomes)})
     if released:
         content[P.METRICS] = MetricRecord({k: [m[k] for m in released] for k in RELEASED_METRICS})
+    return Message(content, reply_to=message)
+
+
+def _modelled_sum(message: Message, devices: list[Device], plan: LocalTrainingPlan | PopularityPlan,
+                  mechanism: SumMechanism, run: Callable[[GridSum, int], list[TrainOutcome]]) -> Message:
+    """Cohort engine, distributed and user modes: the node's devices' vectors on the grid, summed, plus one draw
+    of all their noise shares (exactly the distribution of per-device draws). Secure aggregation is modelled,
+    not enforced: a node speaks for many devices. Nothing per device leaves but its public figures."""
+    grid = GridSum.zeros(mechanism)
+    outcomes = run(grid, mechanism.t_min)
+    content = RecordDict({P.REPORT: _report(outcomes), P.DEVICE: _devices_record(devices, outcomes)})
+    if grid.count:
+        rng = np.random.default_rng(share_seed(devices, plan.server_round, P.nonce(message.content[P.COHORT])))
+        content[P.GRID] = ArrayRecord({P.GRID_SUM: Array(grid.noised(rng))})
     return Message(content, reply_to=message)
 
 
@@ -140,6 +174,10 @@ def build_client_app(config: RunConfig | None = None, *, mods: list[Mod] | None 
     client_app.train("popularity")(_guarded(handle_popularity, config))
     client_app.evaluate()(_guarded(handle_evaluate, config))
     client_app.query()(_guarded(handle_hello, config))
+    from . import secagg  # the stages of a real secure sum (distributed and user modes, one device per node)
+
+    for stage, handler in secagg.HANDLERS.items():
+        client_app.train(f"secagg_{stage}")(_guarded(handler, config))
     return client_app
 
 

@@ -14,7 +14,8 @@ import numpy as np
 from scipy.stats import binom
 
 from fedrec.shared.aggregation import PartialSum, delta_norm
-from fedrec.shared.config import AUTO, RunConfig
+from fedrec.shared.config import AUTO, SECURE_MODES, RunConfig
+from fedrec.shared.distributed_dp import accounted_multiplier, multiplier_for_accounted
 from fedrec.shared.data.catalogue import Catalogue
 from fedrec.shared.model import ItemTables, initial_item_tables
 from fedrec.shared.popularity import PopularityPlan, biases_from_counts
@@ -118,7 +119,11 @@ def popularity_plan(config: RunConfig) -> PopularityPlan | None:
         sigma = (float(config.prior_noise_multiplier) if config.prior_noise_multiplier != AUTO else
                  calibrate_noise_multiplier(target_epsilon=PRIOR_BUDGET_SHARE * config.epsilon_budget,
                                             delta=config.delta, sample_rate=1.0, steps=1))
-    return PopularityPlan(server_round=POPULARITY_ROUND, dp=config.dp, noise_multiplier=sigma, delta=config.delta)
+    secure = config.privacy in SECURE_MODES
+    if secure and config.prior_noise_multiplier == AUTO:
+        sigma = multiplier_for_accounted(sigma)  # the quantised secure sum: sigma must hold after the grid's cost
+    return PopularityPlan(server_round=POPULARITY_ROUND, dp=config.dp, noise_multiplier=sigma, delta=config.delta,
+                          privacy=config.privacy if secure else "local")
 
 
 def noise_multiplier_for(config: RunConfig, population: int) -> float:
@@ -138,6 +143,16 @@ def noise_multiplier_for(config: RunConfig, population: int) -> float:
     releases = evaluation_releases(config, population)
     fixed = [*(prior.privacy_steps() if prior else ()),
              *([(config.eval_noise_multiplier, 1.0, releases)] if releases else [])]
+    if config.privacy in SECURE_MODES:
+        # One release into the sum per round joined, accounted at q = 1 (no amplification: the server chose the
+        # sample); distributed also takes the user-row steps (local noise, q = 1 here: conservative).
+        if prior is not None and prior.dp:  # the report is a secure sum too: its accounted multiplier
+            fixed = [(accounted_multiplier(prior.noise_multiplier, 1.0), 1.0, 1), *fixed[1:]]
+        user_steps = rounds_joined * config.user_steps if config.privacy == "distributed" else 0
+        target = calibrate_noise_multiplier(target_epsilon=config.epsilon_budget, delta=config.delta, sample_rate=1.0,
+                                            steps=rounds_joined, user_steps=user_steps,
+                                            user_noise_ratio=config.user_noise_ratio, fixed_history=fixed)
+        return multiplier_for_accounted(target)
     return calibrate_noise_multiplier(target_epsilon=config.epsilon_budget, delta=config.delta,
                                       sample_rate=config.sample_rate, steps=rounds_joined * config.local_steps,
                                       user_steps=rounds_joined * config.user_steps,
@@ -185,10 +200,13 @@ def round_plan(config: RunConfig, server_round: int, noise_multiplier: float) ->
                              user_step_cap=config.user_step_cap, user_scale=config.user_scale,
                              bias_scale=config.bias_scale, train_biases=config.train_biases,
                              steps=config.local_steps, user_steps=config.user_steps,
-                             user_noise_multiplier=config.user_noise_ratio * noise_multiplier if config.dp else 0.0,
+                             user_noise_multiplier=config.user_noise_ratio * noise_multiplier
+                             if config.dp and config.privacy != "user" else 0.0,
                              sample_rate=config.sample_rate, num_negatives=config.num_negatives, dp=config.dp,
                              noise_multiplier=noise_multiplier if config.dp else 0.0, clip_norm=config.clip_norm,
-                             delta=config.delta, grad_sample_mode=config.grad_sample_mode)
+                             delta=config.delta, grad_sample_mode=config.grad_sample_mode,
+                             privacy=config.privacy if config.privacy in SECURE_MODES else "local",
+                             update_clip=float(config.delta_clip_norm) if config.privacy == "user" else 0.0)
 
 
 class ItemModelServer:
@@ -243,6 +261,23 @@ class ItemModelServer:
         self.tables = self.optimizer.apply(self.tables, mean)
         self.noise_variance = self.noise_variance + variance if self.optimizer.kind == "fedavg" else float("nan")
         return {"mean_delta_norm": delta_norm(mean), "clipped": total.clipped}
+
+    def set_popularity_from_sum(self, total: np.ndarray, *, reports: int, noise_std: float) -> None:
+        """Item biases from a secure sum of `reports` indicators whose noise has std `noise_std` per item."""
+        self.tables = ItemTables(embedding=self.tables.embedding,
+                                 bias=biases_from_counts(total, reports=reports,
+                                                         noise_multiplier=noise_std / np.sqrt(max(reports, 1))))
+
+    def apply_sum(self, embedding: np.ndarray, bias: np.ndarray, *, shares: int, noise_std: float,
+                  population: int) -> dict[str, float | None]:
+        """Apply a secure sum of `shares` updates (noise std `noise_std` per coordinate, already in it) as a mean
+        over the fixed denominator D (central_denominator): who declined or dropped does not rescale it."""
+        denominator = central_denominator(self.config, population)
+        mean = ((embedding / denominator).astype(np.float32), (bias / denominator).astype(np.float32))
+        self.tables = self.optimizer.apply(self.tables, mean)
+        variance = (self.optimizer.lr * noise_std / denominator) ** 2
+        self.noise_variance = self.noise_variance + variance if self.optimizer.kind == "fedavg" else float("nan")
+        return {"mean_delta_norm": delta_norm(mean), "clipped": None, "shares": shares}
 
     def serving_tables(self) -> ItemTables:
         """The tables devices rank with: embeddings shrunk toward zero by their known noise (if enabled)."""

@@ -34,7 +34,11 @@ from flwr.serverapp import Grid
 
 from fedrec.shared import protocol as P
 from fedrec.shared.aggregation import PartialSum
-from fedrec.shared.config import ConfigError, RunConfig
+from fedrec.shared.config import SECURE_MODES, ConfigError, RunConfig
+from fedrec.shared.distributed_dp import SumMechanism
+from fedrec.shared.plans import LocalTrainingPlan
+from fedrec.shared.popularity import PopularityPlan
+from fedrec.shared.secure_release import popularity_mechanism, split_update, training_mechanism
 from fedrec.shared.eval_release import RELEASED_METRICS, EvaluationPlan
 from fedrec.shared.model import ItemTables
 from fedrec.shared.policy import simulated_policy
@@ -54,7 +58,8 @@ from .core import (
 )
 from .records import LEDGER, METRICS, Checkpoint, RunRecords
 from .registry import DeviceRegistry, grid_is_simulated
-from .replies import Asked, TrainReplies, sort_eval_replies, sort_popularity_replies, sort_train_replies
+from .replies import (Asked, TrainReplies, sort_eval_replies, sort_grid_replies, sort_popularity_replies,
+                      sort_train_replies)
 from .user_privacy import central_record, popularity_record
 
 log = logging.getLogger("fedrec.server")
@@ -93,6 +98,9 @@ class Federation:
         self.noise_multiplier = math.nan
         self.restored = False
         self.randomness = ServerRandomness.for_grid(grid, config.seed)
+        # Secure aggregation: enforced by the protocol where a node is one device (deployment, device engine),
+        # modelled where a node speaks for a shard of devices (cohort engine); none in the local modes.
+        self.aggregation = secure_aggregation_kind(config, simulated=grid_is_simulated(grid))
         # A sanity bound on reported epsilons: in simulation every device's budget is the run's policy; deployed
         # devices follow their own settings, which the server does not know.
         self.reply_budget = simulated_policy(config).epsilon_budget if grid_is_simulated(grid) else math.inf
@@ -166,6 +174,9 @@ class Federation:
         cfg, plan = self.config, popularity_plan(self.config)
         started = time.monotonic()
         asked = self.registry.group(sorted(self.registry.node_of))
+        if plan.dp and plan.privacy in SECURE_MODES:
+            self._secure_popularity_round(plan, asked, started)
+            return
         nonce = self._write_ahead(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), asked)
         messages = [Message(RecordDict({P.PRIOR: ConfigRecord(plan.to_config()),
                                         P.COHORT: _cohort(devices, nonce=nonce)}),
@@ -181,8 +192,44 @@ class Federation:
                  len(replies.trained), len(replies.declined), len(replies.rejected), len(replies.failed),
                  time.monotonic() - started)
 
+    def _secure_popularity_round(self, plan: PopularityPlan, asked: Asked, started: float) -> None:
+        """Round 0 in the distributed and user modes: secure sums of the indicators, in groups of at most
+        devices-per-round devices (each group one sum, decrypted only with at least t of its devices)."""
+        nodes = sorted(asked, key=lambda n: asked[n][0])
+        size = max(1, self.config.devices_per_round)
+        groups, current, count = [], {}, 0
+        for node in nodes:
+            current[node] = asked[node]
+            count += len(asked[node])
+            if count >= size:
+                groups.append(current)
+                current, count = {}, 0
+        if current:
+            groups.append(current)
+        total, reports, variance = np.zeros(self.num_items), 0, 0.0
+        for group in groups:
+            t_min = secure_threshold(self.config, group)
+            mechanism = popularity_mechanism(plan, self.num_items, t_min)
+            nonce = self._write_ahead(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), group,
+                                      t_min=t_min)
+            replies, decoded, shares = self._secure_sum(POPULARITY_ROUND, "popularity",
+                                                        {P.PRIOR: ConfigRecord(plan.to_config())}, group, mechanism,
+                                                        nonce=nonce, message_type=P.POPULARITY_MESSAGE)
+            self._record_round(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), group, replies,
+                               nonce=nonce, secure={"t_min": t_min, "shares": shares, "aggregation": self.aggregation,
+                                                    "decrypted": decoded is not None})
+            if decoded is not None:
+                total += decoded
+                reports += shares
+                variance += mechanism.sum_noise_std(shares) ** 2
+        if reports:
+            self.model.set_popularity_from_sum(total, reports=reports, noise_std=float(np.sqrt(variance)))
+        self._checkpoint(POPULARITY_ROUND)
+        log.info("popularity prior from %d secure sum(s) of %d reports (%s aggregation) in %.1fs", len(groups),
+                 reports, self.aggregation, time.monotonic() - started)
+
     def _write_ahead(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
-                     asked: Asked, tables: ItemTables | None = None) -> int:
+                     asked: Asked, tables: ItemTables | None = None, t_min: int = 0) -> int:
         """Ledger the round before any request leaves (flushed to disk); returns the attempt's nonce.
 
         If the server dies after this line, the audit still charges every device asked. The nonce is
@@ -194,12 +241,13 @@ class Federation:
             "status": "sent", "round": server_round, "kind": kind, "attempt": attempt, "time": time.time(),
             "plan": plan, "privacy_steps": [list(step) for step in privacy_steps],
             "asked": sorted(d for devices in asked.values() for d in devices),
-            **({"tables_sha256": tables_digest(tables)} if tables is not None else {})})
+            **({"tables_sha256": tables_digest(tables)} if tables is not None else {}),
+            **({"t_min": t_min} if t_min else {})})
         return attempt
 
     def _record_round(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
                       asked: Asked, replies: TrainReplies, central: dict[str, Any] | None = None, *,
-                      nonce: int) -> None:
+                      nonce: int, secure: dict[str, Any] | None = None) -> None:
         """Append the round's outcome to the privacy ledger before anything else happens with its replies."""
         self.records.append(LEDGER, {
             "status": "done", "round": server_round, "kind": kind, "attempt": nonce, "time": time.time(),
@@ -208,7 +256,10 @@ class Federation:
             "declined": replies.declined, "refused": dict(sorted(replies.refused.items())),
             "rejected": replies.rejected, "failed": replies.failed,
             "epsilon_reported": {d: _json_epsilon(replies.epsilon[d]) for d in sorted(replies.epsilon)},
+            "epsilon_subverted_reported": {d: _json_epsilon(replies.epsilon_subverted[d])
+                                           for d in sorted(replies.epsilon_subverted)},
             **({"central": central} if central else {}),
+            **({"secure_sum": secure} if secure else {}),
         })
 
     def _checkpoint(self, server_round: int) -> None:
@@ -228,8 +279,11 @@ class Federation:
                                 poisson=cfg.device_sampling == "poisson")
         plan = round_plan(cfg, server_round, self.noise_multiplier)
         tables = _tables_record(self.model.tables)
-        bound = update_bound(cfg, plan, self.num_items, self.model.tables.dim)
         asked = self.registry.group(chosen)
+        if cfg.privacy in SECURE_MODES:
+            self._secure_train_round(server_round, plan, tables, asked, population, started)
+            return
+        bound = update_bound(cfg, plan, self.num_items, self.model.tables.dim)
         nonce = self._write_ahead(server_round, "train", plan.to_config(), plan.privacy_steps(), asked,
                                   self.model.tables)
         messages = [Message(RecordDict({P.TABLES: tables, P.PLAN: ConfigRecord(plan.to_config()),
@@ -248,12 +302,18 @@ class Federation:
         applied = self.model.apply(total, plan, rng=self.randomness.for_round(server_round, nonce, CENTRAL_NOISE_SALT),
                                    population=population)
         self._checkpoint(server_round)
+        self._log_round(server_round, replies, applied, started)
+
+    def _log_round(self, server_round: int, replies: TrainReplies, applied: dict[str, Any], started: float) -> None:
+        cfg = self.config
         eps = list(replies.epsilon.values())
+        eps_subverted = list(replies.epsilon_subverted.values())
         line = {"round": server_round, "seconds": round(time.monotonic() - started, 3),
                 "trained": len(replies.trained), "declined": len(replies.declined), "refused": len(replies.refused),
                 "rejected": len(replies.rejected), "failed": len(replies.failed),
                 "epsilon_max_reported": _json_epsilon(max(eps)) if eps else 0.0,
-                "epsilon_unbounded": bool(eps) and not math.isfinite(max(eps)), **applied}
+                "epsilon_unbounded": bool(eps) and not math.isfinite(max(eps)),
+                "epsilon_max_subverted": _json_epsilon(max(eps_subverted)) if eps_subverted else 0.0, **applied}
         self.records.append(METRICS, {"kind": "train", **line})
         log.info("round %d/%d: %d trained, %d declined, %d refused, %d rejected, %d failed, eps max %s (%.1fs)",
                  server_round, cfg.rounds, line["trained"], line["declined"], line["refused"], line["rejected"],
@@ -261,6 +321,60 @@ class Federation:
         if replies.refused:
             log.warning("round %d: devices refused the plan by their own policy: %s", server_round,
                         _rule_counts(replies.refused))
+
+    def _secure_train_round(self, server_round: int, plan: LocalTrainingPlan, tables: ArrayRecord, asked: Asked,
+                            population: int, started: float) -> None:
+        """A training round of the distributed or user mode: the server learns only the sum of the updates."""
+        t_min = secure_threshold(self.config, asked)
+        mechanism = training_mechanism(plan, self.num_items, self.model.tables.dim, t_min)
+        nonce = self._write_ahead(server_round, "train", plan.to_config(), plan.privacy_steps(), asked,
+                                  self.model.tables, t_min=t_min)
+        replies, total, shares = self._secure_sum(server_round, "train", {P.TABLES: tables,
+                                                                          P.PLAN: ConfigRecord(plan.to_config())},
+                                                  asked, mechanism, nonce=nonce, message_type="train")
+        self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies,
+                           nonce=nonce, secure={"t_min": t_min, "shares": shares, "aggregation": self.aggregation,
+                                                "decrypted": total is not None})
+        if total is None:
+            applied: dict[str, Any] = {"mean_delta_norm": None, "clipped": None, "shares": shares, "aborted": True}
+            log.warning("round %d: the secure sum held %d shares, fewer than t = %d: nothing was decrypted or "
+                        "applied", server_round, shares, t_min)
+        else:
+            embedding, bias = split_update(plan, total, self.num_items, self.model.tables.dim)
+            applied = self.model.apply_sum(embedding, bias, shares=shares, noise_std=mechanism.sum_noise_std(shares),
+                                           population=population)
+        self._checkpoint(server_round)
+        self._log_round(server_round, replies, applied, started)
+
+    def _secure_sum(self, server_round: int, kind: str, content: dict[str, Any], asked: Asked,
+                    mechanism: SumMechanism, *, nonce: int,
+                    message_type: str) -> tuple[TrainReplies, np.ndarray | None, int]:
+        """Collect one secure sum: (replies, the decoded sum or None if it cannot be decrypted, shares in it).
+
+        Cohort engine: modelled (each node sums its devices and adds their noise shares; the server adds the
+        nodes' sums). Device engine and deployment: the real protocol (server/secagg.py), one device per node.
+        """
+        cfg = self.config
+        if self.aggregation == "real":
+            from .secagg import run_secure_sum
+
+            return run_secure_sum(self.grid, cfg, server_round, kind, content, asked, mechanism, nonce=nonce,
+                                  message_type=message_type, epsilon_budget=self.reply_budget)
+        messages = []
+        for node, devices in asked.items():
+            record = ConfigRecord({P.DEVICE_IDS: devices, P.NONCE: nonce, P.THRESHOLD: mechanism.t_min})
+            messages.append(Message(RecordDict({**content, P.COHORT: record}), dst_node_id=node,
+                                    message_type=message_type, ttl=cfg.round_timeout))
+        replies = sort_grid_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
+                                    mechanism.dimension, dp=cfg.dp, epsilon_budget=self.reply_budget)
+        parts = replies.ordered_parts(asked)
+        shares = sum(count for _, count in parts)
+        if shares < mechanism.t_min:
+            return replies, None, shares
+        total = np.zeros(mechanism.dimension, dtype=np.int64)
+        for grid, _ in parts:
+            total += grid
+        return replies, mechanism.decode(total), shares
 
     def _evaluate(self, server_round: int, count: int, *, final: bool) -> dict[str, Any]:
         """Ask devices for a release of their metrics (noised on the device, charged to its budget)."""
@@ -290,6 +404,20 @@ class Federation:
                  "ndcg@10 %.4f recall@20 %.4f", server_round, metrics["devices"], plan.metric_std,
                  metrics.get("hr@10", math.nan), metrics.get("ndcg@10", math.nan), metrics.get("recall@20", math.nan))
         return metrics
+
+
+def secure_aggregation_kind(config: RunConfig, *, simulated: bool) -> str:
+    """'real', 'modelled' or 'none' (see Federation.aggregation)."""
+    if config.privacy not in SECURE_MODES:
+        return "none"
+    return "modelled" if simulated and config.simulation_engine == "cohort" else "real"
+
+
+def secure_threshold(config: RunConfig, asked: Asked) -> int:
+    """t of a secure sum over the devices asked: ceil(aggregation-threshold x count), at least 2 where possible
+    (a sum of one device is that device's update)."""
+    count = sum(len(devices) for devices in asked.values())
+    return max(min(2, count), math.ceil(config.aggregation_threshold * count - 1e-9))
 
 
 def evaluation_plan(config: RunConfig, server_round: int) -> EvaluationPlan:

@@ -35,6 +35,7 @@ class TrainReplies:
     parts: dict[int, Any] = field(default_factory=dict)  # node -> validated payload (PartialSum or counts sum)
     trained: list[str] = field(default_factory=list)
     epsilon: dict[str, float] = field(default_factory=dict)  # reported cumulative epsilon, trained or declined
+    epsilon_subverted: dict[str, float] = field(default_factory=dict)  # the same against subverted aggregation
     declined: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # device -> the policy rule the plan broke
     rejected: dict[str, str] = field(default_factory=dict)  # device -> reason
@@ -113,6 +114,58 @@ def sort_train_replies(replies: Iterable[Message], asked: Asked, tables: ItemTab
     return _sort_reports(replies, asked, P.DELTA, parse, dp=dp, epsilon_budget=epsilon_budget)
 
 
+def sort_grid_replies(replies: Iterable[Message], asked: Asked, dimension: int, *, dp: bool,
+                      epsilon_budget: float) -> TrainReplies:
+    """Modelled secure sums (cohort engine): per node, its devices' summed grid vector (int64, noised with all
+    their shares) and how many shares it holds. Nothing per device is checked beyond its public figures:
+    the server of a secure sum cannot see one device's update (its validation is on the device)."""
+    return _sort_reports(replies, asked, P.GRID,
+                         lambda arrays, count, _: (P.grid_from_arrays(arrays, dimension), count),
+                         dp=dp, epsilon_budget=epsilon_budget)
+
+
+def sort_secure_stage(replies: Iterable[Message], asked: Asked, out: TrainReplies, *, stage: str, dp: bool,
+                      epsilon_budget: float) -> dict[str, Message]:
+    """One stage of a real secure sum (one device per node): device -> its reply, for devices still in the protocol.
+
+    Every reply carries the device's public figures (declined flag, refusal rule, epsilons); a device that
+    refuses or declines (first stage only), fails, or sends a malformed reply leaves the protocol and is
+    recorded in `out`. The protocol payload itself is checked by the secure-aggregation session.
+    """
+    kept: dict[str, Message] = {}
+    for node, devices, reply in _replies_by_node(replies, asked, out):
+        device = devices[0]
+        try:
+            _check_identity(reply, devices)
+            if P.REPORT not in reply.content:
+                raise P.ProtocolError("reply has no report record")
+            report = dict(reply.content[P.REPORT])
+            declined = _per_device(report, "declined", 1, "report")[0]
+            eps = _per_device(report, "epsilon", 1, "report", allow_inf=not dp)[0]
+            eps_subverted = _per_device(report, "epsilon-subverted", 1, "report", allow_inf=True)[0]
+            rule = _refusals(reply, 1)[0]
+            if declined not in (0.0, 1.0) or eps < 0 or (rule and not declined) or (declined and stage != "keys"):
+                raise P.ProtocolError(f"report: declined={declined}, epsilon={eps} out of range at stage {stage}")
+            if dp and eps > epsilon_budget * (1 + EPSILON_SLACK):
+                raise P.ProtocolError(f"reported epsilon {eps:.4f} exceeds the budget {epsilon_budget}")
+            payload = P.GRID if stage == "masked" else "secagg"
+            if not declined and payload not in reply.content:
+                raise P.ProtocolError(f"the {stage} reply carries no '{payload}' record")
+        except (P.ProtocolError, ValueError, TypeError) as err:
+            out.rejected[device] = str(err)
+            log.warning("rejected the %s reply of node %d (%s): %s", stage, node, device, err)
+            continue
+        out.epsilon[device], out.epsilon_subverted[device] = eps, eps_subverted
+        if rule:
+            out.refused[device] = rule
+        elif declined:
+            out.declined.append(device)
+        else:
+            kept[device] = reply
+    out.declined.sort()
+    return kept
+
+
 def sort_popularity_replies(replies: Iterable[Message], asked: Asked, num_items: int, *, dp: bool,
                             epsilon_budget: float) -> TrainReplies:
     """Popularity replies: per node, the validated sum of its devices' noisy item-count vectors."""
@@ -133,6 +186,8 @@ def _sort_reports(replies: Iterable[Message], asked: Asked, record: str,
             report = dict(reply.content[P.REPORT])
             declined = _per_device(report, "declined", len(devices), "report")
             eps = _per_device(report, "epsilon", len(devices), "report", allow_inf=not dp)
+            eps_subverted = _per_device(report, "epsilon-subverted", len(devices), "report", allow_inf=True) \
+                if "epsilon-subverted" in report else eps
             rules = _refusals(reply, len(devices))
             if any(d not in (0.0, 1.0) for d in declined) or min(eps) < 0 or \
                     any(rule and not flag for rule, flag in zip(rules, declined)):
@@ -157,6 +212,7 @@ def _sort_reports(replies: Iterable[Message], asked: Asked, record: str,
         out.refused.update({d: rule for d, rule in zip(devices, rules) if rule})
         out.declined += [d for d, rule in zip(devices, rules) if d not in trained and not rule]
         out.epsilon.update(zip(devices, eps))
+        out.epsilon_subverted.update(zip(devices, eps_subverted))
     out.trained.sort()
     out.declined.sort()
     return out

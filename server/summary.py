@@ -14,6 +14,7 @@ from fedrec.shared.model import ItemTables
 from fedrec.shared.ranking import evaluate_with_refit
 
 from .core import ServerRandomness
+from .loop import secure_aggregation_kind
 from .records import LEDGER, RunRecords
 from .user_privacy import user_level_summary
 
@@ -24,14 +25,27 @@ NEIGHBOURING_RELATION = ("record level: two behaviour logs of one device are nei
                          "sent reveals about any such pair (one extra event on an item it has: a group of two)")
 
 
-def device_epsilons(records: RunRecords) -> tuple[dict[str, float], set[str], set[str]]:
+TRUST_MODELS = {
+    "local": "local DP: every device adds the full noise to what it sends; the guarantee holds against anyone, "
+             "the server included",
+    "distributed": "distributed DP: the stated epsilon holds against a server that follows the secure-aggregation "
+                   "protocol (it decrypts only sums of at least t devices) while enough devices in each sum are "
+                   "honest; against a server that subverts aggregation only a device's own noise share protects it "
+                   "(epsilon_max_subverted)",
+    "none": "no differential privacy: updates are not private",
+}
+TRUST_MODELS["user"] = TRUST_MODELS["distributed"].replace("distributed DP", "user-level distributed DP")
+
+
+def device_epsilons(records: RunRecords, key: str = "epsilon_reported",
+                    ) -> tuple[dict[str, float], set[str], set[str]]:
     """Latest reported cumulative epsilon per device, who released anything, and who ever declined (ledger)."""
     latest: dict[str, float] = {}
     released: set[str] = set()
     declined: set[str] = set()
     for entry in records.read_jsonl(LEDGER):
         # the ledger writes an infinite epsilon (a release without DP) as null
-        latest.update({d: math.inf if e is None else float(e) for d, e in entry.get("epsilon_reported", {}).items()})
+        latest.update({d: math.inf if e is None else float(e) for d, e in entry.get(key, {}).items()})
         released.update(entry.get("trained", []))
         declined.update(entry.get("declined", []))
     return latest, released, declined
@@ -79,14 +93,31 @@ def privacy_summary(config: RunConfig, records: RunRecords, noise_multiplier: fl
         record_level["note"] = "DP disabled: updates are not private (epsilon is infinite, null here)"
     elif without_dp:
         record_level["note"] = "some devices released without DP: their epsilon is infinite (null here)"
-    out: dict[str, Any] = {"record_level": record_level}
+    subverted, _, _ = device_epsilons(records, "epsilon_subverted_reported")
+    subverted_values = [subverted[d] for d in sorted(released) if d in subverted]
+    figure_max_subverted = _finite(max(subverted_values)) if subverted_values and config.dp else none
+    aggregation = secure_aggregation_kind(config, simulated=randomness.reproducible)
+    out: dict[str, Any] = {"mode": config.privacy, "secure_aggregation": aggregation,
+                           "trust_model": TRUST_MODELS[config.privacy]}
+    if config.privacy == "user":
+        # devices report their user-level figures in this mode; a user-level guarantee covers every record too
+        user_figures = {k: record_level.pop(k) for k in ("epsilon_max", "epsilon_median", "budget")}
+        record_level["note"] = ("implied by the user-level guarantee (a record changed inside a device moves its "
+                                "clipped update by up to 2S: `fedrec audit` recomputes it from the ledger)")
+        out["user_level"] = {**user_figures, "epsilon_max_subverted": figure_max_subverted, "delta": config.delta,
+                             "update_clip": float(config.delta_clip_norm), "noise_multiplier": noise_multiplier,
+                             "amplification": "none (the server chose the sample)",
+                             "neighbouring_relation": "user level: add or remove one device with all its data"}
+    else:
+        record_level["epsilon_max_subverted"] = figure_max_subverted
+    out["record_level"] = record_level
     out["server_randomness"] = randomness.describe()
     # the catalogue size bounds a popularity report's user-level norm
     checkpoint = records.load_checkpoint() if config.central_noise_multiplier > 0 else None
     user_level = user_level_summary(config, records.read_jsonl(LEDGER), randomness=randomness,
                                     num_items=checkpoint.tables.num_items if checkpoint else None)
     if user_level is not None:
-        out["user_level"] = user_level
+        out["user_level"] = user_level  # the trusted-server variant (privacy='local' + central-noise-multiplier)
     return out
 
 

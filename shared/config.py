@@ -12,6 +12,10 @@ from typing import Any
 
 AUTO = "auto"
 AUTO_SERVER_LR_DP, AUTO_SERVER_LR_NO_DP = 0.1, 3.0  # measured on the synthetic default (see README, Results)
+AUTO_SERVER_LR_SECURE = 3.0  # distributed/user: the sum carries the noise once, so the no-DP rate applies
+USER_LEVEL_CLIP = 0.5  # privacy='user': the whole item update's L2 bound S when delta-clip-norm is auto
+PRIVACY_MODES = ("local", "distributed", "user", "none")
+SECURE_MODES = ("distributed", "user")  # the modes whose noise is shared out over a secure sum
 SYNTHETIC_DEVICES = 500  # the synthetic population when devices = 0 (real data then uses all its users)
 
 
@@ -90,7 +94,16 @@ class RunConfig:
                                   "for user-scale)", min_exclusive=0.0)
 
     # --- privacy ----------------------------------------------------------------------
-    dp: bool = _opt(True, "record-level differential privacy on every device (DP-SGD with Opacus)")
+    dp: bool = _opt(True, "differential privacy on every device (false is privacy='none')")
+    privacy: str = _opt("local", "local: record-level DP, every device adds the full noise to what it sends (trusts "
+                                 "no one) | distributed: record-level DP, devices mask their updates so the server "
+                                 "decrypts only sums (secure aggregation) and each adds 1/t of the noise | user: "
+                                 "user-level DP (the whole device is the unit) on the same secure sums | none: no DP "
+                                 "(what --no-dp sets)", choices=PRIVACY_MODES)
+    aggregation_threshold: float = _opt(0.8, "distributed and user modes: the secure sum decrypts only with at least "
+                                             "this share of the round's devices (t = ceil(share x devices asked)); "
+                                             "each device adds 1/t of the noise, so fewer survivors abort the round",
+                                        min_exclusive=0.0, max=1.0)
     noise_multiplier: float | str = _opt(AUTO, "DP-SGD noise multiplier sigma, or 'auto' to calibrate it to the "
                                                "epsilon budget from the expected participation", auto_ok=True, min_exclusive=0.0)
     clip_norm: float = _opt(1.0, "per-example gradient clipping bound C", min_exclusive=0.0)
@@ -160,6 +173,25 @@ class RunConfig:
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
             _check_rules(f, getattr(self, f.name))
+        # dp and privacy say the same thing twice (dp=false came first): keep them in step
+        if not self.dp and self.privacy == "local":
+            object.__setattr__(self, "privacy", "none")
+        elif self.privacy == "none" and self.dp:
+            object.__setattr__(self, "dp", False)
+        elif not self.dp and self.privacy != "none":
+            raise ConfigError(f"privacy={self.privacy!r} with dp=false: a private mode needs dp=true "
+                              "(or privacy='none')")
+        if self.privacy in SECURE_MODES and self.central_noise_multiplier > 0:
+            raise ConfigError(f"central-noise-multiplier: privacy={self.privacy!r} adds its noise on the devices "
+                              "(secure sums); the trusted-server variant is privacy='local' with "
+                              "central-noise-multiplier")
+        if self.privacy == "distributed" and (self.local_steps != 1 or self.user_steps < 1):
+            raise ConfigError(f"privacy='distributed': one item step per round (local-steps=1, got "
+                              f"{self.local_steps}) after at least one user-row step (user-steps >= 1, got "
+                              f"{self.user_steps}): the server sees only the summed delta, and a second step would "
+                              "depend on the device's own share of the noise")
+        if self.privacy == "user" and (self.delta_clip_norm == AUTO or float(self.delta_clip_norm) <= 0):
+            object.__setattr__(self, "delta_clip_norm", USER_LEVEL_CLIP)
         if self.central_noise_multiplier > 0 and (self.delta_clip_norm == AUTO or float(self.delta_clip_norm) <= 0):
             raise ConfigError("central-noise-multiplier: user-level DP needs a fixed delta-clip-norm > 0 (the "
                               "sensitivity)")
@@ -189,6 +221,8 @@ class RunConfig:
     def effective_server_lr(self) -> float:
         if self.server_lr != AUTO:
             return float(self.server_lr)
+        if self.privacy in SECURE_MODES:
+            return AUTO_SERVER_LR_SECURE
         return AUTO_SERVER_LR_DP if self.dp else AUTO_SERVER_LR_NO_DP
 
     def to_mapping(self) -> dict[str, Any]:
@@ -198,7 +232,7 @@ class RunConfig:
         """The same run without DP: the plans (dp=false) and the devices' policy (allow-no-dp=true), since a
         device's own policy, not the plan, decides whether it ever trains without DP."""
         policy = " ".join(p for p in (self.device_policy, "allow-no-dp=true") if p)
-        return dataclasses.replace(self, dp=False, device_policy=policy)
+        return dataclasses.replace(self, dp=False, privacy="none", device_policy=policy)
 
     def replace(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)

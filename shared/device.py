@@ -22,14 +22,17 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from .aggregation import PartialSum
+from .distributed_dp import GridSum
 from .data.interactions import DataError, DeviceEvents, DeviceSplit, split_device
 from .eval_release import RELEASED_METRICS, EvaluationPlan, noisy_metrics
 from .evaluation import rank_scores
 from .model import ItemTables, initial_user_row
 from .plans import LocalTrainingPlan
 from .policy import Plan, PrivacyPolicy
-from .popularity import PopularityPlan, noisy_indicator
+from .popularity import PopularityPlan, indicator, noisy_indicator
+from .secure_release import update_vector
 from .privacy.accounting import HistoryEntry, compact_history, epsilon, epsilon_after
+from .privacy.releases import release_cost
 from .ranking import refit_user_row
 from .state import DeviceState
 
@@ -57,10 +60,11 @@ class StateStore(Protocol):
 @dataclass(frozen=True)
 class TrainOutcome:
     declined: bool  # declined (budget) or refused (policy): nothing of its data was read or sent
-    epsilon: float  # cumulative over every release; inf once it released something without DP
+    epsilon: float  # cumulative over every release, at the plan's unit; inf once it released something without DP
     embedding_delta: np.ndarray | None = None
     bias_delta: np.ndarray | None = None
     refused: str = ""  # the policy rule the plan broke ('' = none)
+    epsilon_subverted: float = math.nan  # the same against a server that subverts secure aggregation
 
 
 @dataclass(frozen=True)
@@ -107,25 +111,52 @@ class Device:
             return math.inf
         return epsilon(state.history if history is None else history, delta=min(delta, self.policy.max_delta))
 
+    def figures(self, state: DeviceState, delta: float, *, user_level: bool) -> tuple[float, float]:
+        """(honest-but-curious, subverted-aggregation) epsilon at the record or user level."""
+        if state.non_private or (user_level and state.not_user_level):
+            return math.inf, math.inf
+        histories = (state.user_history, state.user_subverted_history) if user_level else \
+            (state.history, state.subverted_history)
+        delta = min(delta, self.policy.max_delta)
+        return epsilon(histories[0], delta=delta), epsilon(histories[1], delta=delta)
+
+    def _outcome(self, state: DeviceState, plan: Plan, *, declined: bool, refused: str = "") -> TrainOutcome:
+        honest, subverted = self.figures(state, plan.delta, user_level=getattr(plan, "privacy", "") == "user")
+        return TrainOutcome(declined=declined, epsilon=honest, epsilon_subverted=subverted, refused=refused)
+
     def train(self, plan: LocalTrainingPlan, tables: ItemTables) -> TrainOutcome:
         return train_devices([self], plan, tables)[0]
 
-    def admit(self, plan: Plan, state: DeviceState) -> TrainOutcome | None:
+    def admit(self, plan: Plan, state: DeviceState, t_min: int = 0) -> TrainOutcome | None:
         """The refusal (policy) or decline (budget) for `plan`, or None if the device may go ahead.
 
-        Decided from the plan and the stored history alone, before any of the device's data is read.
+        Decided from the plan, the secure sum's threshold `t_min` (secure modes) and the stored history
+        alone, before any of the device's data is read.
         """
-        rule = self.policy.refusal(plan)
+        rule = self.policy.refusal(plan, t_min)
         if rule:
             refused = (*state.refused, (plan.server_round, rule))[-MAX_REFUSALS_KEPT:]
-            self.store.save(replace(state, refused=refused))
-            return TrainOutcome(declined=True, epsilon=self.cumulative_epsilon(state, self.policy.max_delta),
-                                refused=rule)
-        if plan.dp and epsilon_after(state.history, plan.privacy_steps(), delta=plan.delta) > \
-                self.policy.epsilon_budget:
-            self.store.save(replace(state, declined=(*state.declined, plan.server_round)))
-            return TrainOutcome(declined=True, epsilon=self.cumulative_epsilon(state, plan.delta))
+            state = replace(state, refused=refused)
+            self.store.save(state)
+            return self._outcome(state, plan, declined=True, refused=rule)
+        if plan.dp and self._past_budget(plan, state, t_min):
+            state = replace(state, declined=(*state.declined, plan.server_round))
+            self.store.save(state)
+            return self._outcome(state, plan, declined=True)
         return None
+
+    def _past_budget(self, plan: Plan, state: DeviceState, t_min: int) -> bool:
+        """Would the release take the device past its budget (or its cap against subverted aggregation)?"""
+        cost = release_cost(plan, t_min)
+        user_level = getattr(plan, "privacy", "") == "user"
+        if user_level and state.not_user_level:
+            return True  # a user-level figure it can no longer make finite: never spend towards it
+        honest, subverted = ((state.user_history, cost.user), (state.user_subverted_history, cost.user_subverted)) \
+            if user_level else ((state.history, cost.record), (state.subverted_history, cost.record_subverted))
+        if epsilon_after(honest[0], honest[1] or [], delta=plan.delta) > self.policy.epsilon_budget:
+            return True
+        cap = self.policy.max_subverted_epsilon
+        return cap > 0 and epsilon_after(subverted[0], subverted[1] or [], delta=plan.delta) > cap
 
     def report_popularity(self, plan: PopularityPlan, num_items: int, *,
                           nonce: int = 0) -> tuple[TrainOutcome, np.ndarray | None]:
@@ -165,19 +196,30 @@ class Device:
                                   seed=(self.settings.seed, self.device_key, plan.server_round, nonce))
 
     def commit(self, plan: Plan, state: DeviceState, user_row: np.ndarray | None,
-               history: Sequence[HistoryEntry] | None = None) -> TrainOutcome:
-        """Store the release atomically (new user row, history with the plan's steps); returns the outcome."""
-        new_history = tuple(compact_history(history if history is not None else
-                                            [*state.history, *plan.privacy_steps()]))
-        new_state = replace(state, user_row=user_row, history=new_history, rounds=(*state.rounds, plan.server_round),
-                            non_private=state.non_private or not plan.dp)
+               history: Sequence[HistoryEntry] | None = None, t_min: int = 0) -> TrainOutcome:
+        """Store the release atomically (new user row, the four histories with its cost); returns the outcome.
+
+        `history`: the record-level history Opacus's accountant composed in local mode (the same steps).
+        """
+        cost = release_cost(plan, t_min)
+        record = history if history is not None and getattr(plan, "privacy", "local") == "local" else \
+            [*state.history, *cost.record]
+        new_state = replace(
+            state, user_row=user_row, history=tuple(compact_history(record)),
+            subverted_history=tuple(compact_history([*state.subverted_history, *cost.record_subverted])),
+            user_history=tuple(compact_history([*state.user_history, *(cost.user or [])])),
+            user_subverted_history=tuple(compact_history([*state.user_subverted_history,
+                                                          *(cost.user_subverted or [])])),
+            not_user_level=state.not_user_level or cost.user is None,
+            rounds=(*state.rounds, plan.server_round), non_private=state.non_private or not cost.private)
         self.store.save(new_state)
-        return TrainOutcome(declined=False, epsilon=self.cumulative_epsilon(new_state, plan.delta))
+        return self._outcome(new_state, plan, declined=False)
 
 
 def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: ItemTables, *,
                   into: PartialSum | None = None, delta_clip: float = 0.0, nonce: int = 0,
-                  max_cohort_bytes: int = COHORT_BYTES) -> list[TrainOutcome]:
+                  max_cohort_bytes: int = COHORT_BYTES, secure: GridSum | None = None,
+                  t_min: int = 0) -> list[TrainOutcome]:
     """One round for several devices: policy and budget checks, then Opacus passes over cohorts of those that train.
 
     Each device's clipping, noise and accounting are exactly those of training it alone
@@ -186,11 +228,13 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
     to `delta_clip` and added there as soon as its cohort is done, and not kept in the
     outcome: a node's memory then stays at one cohort, however many devices it trains.
     `nonce` names the attempt of the round, so a round run again draws fresh noise.
+    `secure` (distributed and user modes): each update is put on the grid and added there instead (the
+    caller adds the devices' noise shares and masks the sum); `t_min` is the secure sum's threshold.
     """
     from .training import train_cohort  # torch and Opacus: the one path that needs them
 
     states = [d.load_state() for d in devices]
-    outcomes: list[TrainOutcome | None] = [device.admit(plan, state) for device, state in zip(devices, states)]
+    outcomes: list[TrainOutcome | None] = [device.admit(plan, state, t_min) for device, state in zip(devices, states)]
     active = [j for j, verdict in enumerate(outcomes) if verdict is None]
     per_device = 4 * tables.num_items * (tables.dim + 1)
     size = max(1, max_cohort_bytes // per_device)
@@ -205,12 +249,15 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
             # Defence in depth (inputs are bounded on arrival): the steps are spent, nothing non-finite is kept or
             # sent, since a NaN pattern would show which rows a device's data touched.
             for row, j in enumerate(cohort):
-                devices[j].commit(plan, states[j], states[j].user_row, update.histories[row])
+                devices[j].commit(plan, states[j], states[j].user_row, update.histories[row], t_min=t_min)
             raise NonFiniteUpdate(f"round {plan.server_round}: training produced non-finite values; nothing sent")
         for row, j in enumerate(cohort):
-            outcome = devices[j].commit(plan, states[j], update.user_rows[row], update.histories[row])
+            outcome = devices[j].commit(plan, states[j], update.user_rows[row], update.histories[row], t_min=t_min)
             delta = (update.embedding_delta[row], update.bias_delta[row])
-            if into is not None:
+            if secure is not None:
+                secure.add(update_vector(plan, *delta))
+                outcomes[j] = outcome
+            elif into is not None:
                 into.add(delta, clip=delta_clip)
                 outcomes[j] = outcome
             else:
@@ -219,9 +266,25 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
 
 
 def report_popularity_sum(devices: Sequence[Device], plan: PopularityPlan, num_items: int, *,
-                          nonce: int = 0) -> tuple[list[TrainOutcome], np.ndarray | None]:
-    """A node's popularity report: each device's outcome, and the float64 sum of the reports made (None if none)."""
+                          nonce: int = 0, secure: GridSum | None = None,
+                          t_min: int = 0) -> tuple[list[TrainOutcome], np.ndarray | None]:
+    """A node's popularity report: each device's outcome, and the float64 sum of the reports made (None if none).
+
+    `secure` (distributed and user modes): each indicator goes onto the grid there instead (un-noised: the
+    caller adds the shares' noise to the sum), and the second value is None.
+    """
     outcomes, total = [], None
+    if secure is not None:
+        for device in devices:
+            state = device.load_state()
+            verdict = device.admit(plan, state, t_min)
+            if verdict is not None:
+                outcomes.append(verdict)
+                continue
+            secure.add(indicator(device.split.train_items, device.split.train_weights, num_items,
+                                 unit_norm=plan.privacy == "user"))
+            outcomes.append(device.commit(plan, state, state.user_row, t_min=t_min))
+        return outcomes, None
     for device in devices:
         outcome, counts = device.report_popularity(plan, num_items, nonce=nonce)
         outcomes.append(outcome)
@@ -237,3 +300,12 @@ def _noise_seed(seed: int, device_keys: Sequence[int], server_round: int, nonce:
                 salt: int = 0x7015E) -> int:
     entropy = [seed, server_round, salt, nonce, *device_keys]
     return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
+
+
+SHARE_SALT = 0x5EC5
+
+
+def share_seed(devices: Sequence[Device], server_round: int, nonce: int) -> int:
+    """The seed of the devices' noise shares in a secure sum (their settings' seed: OS entropy in deployment)."""
+    return _noise_seed(devices[0].settings.seed, [d.device_key for d in devices], server_round, nonce,
+                       salt=SHARE_SALT)

@@ -8,7 +8,7 @@ device answer the messages that do not train without importing either.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import Any
 
 from .privacy.accounting import HistoryEntry
@@ -24,6 +24,7 @@ SCALE_RANGE = (1e-3, 1e3)  # user-scale, bias-scale
 MAX_LR = 1e3  # lr, user-lr, user-step-cap, clip-norm
 MAX_NOISE_MULTIPLIER = 1e6
 MAX_NEGATIVES = 10_000
+PLAN_MODES = ("local", "distributed", "user")
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class LocalTrainingPlan:
     clip_norm: float
     delta: float
     grad_sample_mode: str
+    privacy: str = "local"  # local | distributed | user (see shared/privacy/releases.py)
+    update_clip: float = 0.0  # privacy='user': the L2 bound S of the whole item update (the sensitivity)
 
     def __post_init__(self) -> None:
         low, high = SCALE_RANGE
@@ -54,23 +57,33 @@ class LocalTrainingPlan:
             "server_round": self.server_round >= 1, "lr": 0 < self.lr <= MAX_LR, "user_lr": 0 <= self.user_lr <= MAX_LR,
             "user_step_cap": 0 <= self.user_step_cap <= MAX_LR, "user_scale": low <= self.user_scale <= high,
             "bias_scale": low <= self.bias_scale <= high,
-            "steps": self.steps >= 1, "user_steps": self.user_steps >= 0,
-            "user_noise_multiplier": (self.user_noise_multiplier > 0 or not self.dp or self.user_steps == 0) and
+            "user_noise_multiplier": (self.user_noise_multiplier > 0 or not self.dp or self.user_steps == 0 or
+                                      self.privacy == "user") and
                                      0 <= self.user_noise_multiplier <= MAX_NOISE_MULTIPLIER,
             "sample_rate": 0 < self.sample_rate <= 1, "num_negatives": 1 <= self.num_negatives <= MAX_NEGATIVES,
             "noise_multiplier": (self.noise_multiplier > 0 or not self.dp) and
                                 0 <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER,
             "clip_norm": 0 < self.clip_norm <= MAX_LR,
             "delta": 0 < self.delta < 1, "grad_sample_mode": self.grad_sample_mode in ("hooks", "ghost", "auto"),
+            "privacy": self.privacy in PLAN_MODES,
+            # distributed: one item step, after user-row steps with their own (local) noise
+            "steps": self.steps >= 1 and (self.privacy != "distributed" or self.steps == 1),
+            "user_steps": self.user_steps >= 0 and (self.privacy != "distributed" or self.user_steps >= 1),
+            "update_clip": (0 < self.update_clip <= MAX_LR) if self.privacy == "user" else self.update_clip == 0,
         }
         for name, ok in checks.items():
             if not ok:
                 raise PlanError(f"round plan: {name}={getattr(self, name)!r} is out of range")
 
     def privacy_steps(self) -> list[HistoryEntry]:
-        """The (sigma, q, steps) this round adds to a device's privacy history (nothing without DP)."""
+        """The (sigma, q, steps) of the noise this plan asks for (nothing without DP). In a secure mode the
+        item step's noise is shared out over a sum: shared/privacy/releases.py turns that into history."""
         if not self.dp:
             return []
+        if self.privacy == "user":
+            return [(self.noise_multiplier, 1.0, 1)]
+        if self.privacy == "distributed":
+            return [(self.noise_multiplier, 1.0, 1), (self.user_noise_multiplier, self.sample_rate, self.user_steps)]
         steps = [(self.noise_multiplier, self.sample_rate, self.steps)]
         if self.user_steps:
             steps.append((self.user_noise_multiplier, self.sample_rate, self.user_steps))
@@ -90,6 +103,8 @@ def plan_from_config(cls: Any, config: dict[str, Any]) -> Any:
     for f in fields(cls):
         key = f.name.replace("_", "-")
         if key not in config:
+            if f.default is not MISSING:
+                continue
             raise PlanError(f"round plan: missing key '{key}'")
         value = config[key]
         kind = {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]

@@ -22,7 +22,7 @@ from .privacy.accounting import HistoryEntry
 
 
 RULES = ("allow-no-dp", "max-delta", "min-noise-multiplier", "min-user-noise-multiplier", "max-sample-rate",
-         "max-steps")  # the names a refusal may carry
+         "max-steps", "min-aggregation-threshold")  # the names a refusal may carry
 
 
 class PolicyError(ValueError):
@@ -47,12 +47,20 @@ class PrivacyPolicy:
     max_sample_rate: float = _rule(1.0, "the largest Poisson sampling rate q of its interactions per step")
     max_steps: int = _rule(8, "the most DP steps (user-row and item steps together) it takes in one round")
     allow_no_dp: bool = _rule(False, "whether it ever trains or reports without differential privacy")
+    min_aggregation_threshold: int = _rule(2, "distributed and user modes: the fewest devices' shares it accepts in "
+                                              "a sum the server can decrypt (t, from the secure-aggregation "
+                                              "parameters it enforces itself); its noise share is 1/t of the sum's")
+    max_subverted_epsilon: float = _rule(0.0, "a cap on its epsilon against a server that subverts secure "
+                                              "aggregation (local noise share only): it declines a round past it "
+                                              "(0 = no cap; the figure is always reported)")
 
     def __post_init__(self) -> None:
         checks = {"epsilon_budget": self.epsilon_budget > 0, "max_delta": 0 < self.max_delta < 1,
                   "min_noise_multiplier": self.min_noise_multiplier >= 0,
                   "min_user_noise_multiplier": self.min_user_noise_multiplier >= 0,
-                  "max_sample_rate": 0 < self.max_sample_rate <= 1, "max_steps": self.max_steps >= 1}
+                  "max_sample_rate": 0 < self.max_sample_rate <= 1, "max_steps": self.max_steps >= 1,
+                  "min_aggregation_threshold": self.min_aggregation_threshold >= 1,
+                  "max_subverted_epsilon": self.max_subverted_epsilon >= 0}
         for name, ok in checks.items():
             value = getattr(self, name)
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
@@ -82,17 +90,23 @@ class PrivacyPolicy:
     def to_mapping(self) -> dict[str, Any]:
         return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def refusal(self, plan: Plan) -> str:
-        """The rule `plan` breaks ('' if none). Reads only the plan: no device data, no state."""
+    def refusal(self, plan: Plan, t_min: int = 0) -> str:
+        """The rule `plan` breaks ('' if none). Reads only the plan and the secure sum's threshold `t_min` (which
+        the device enforces in the protocol itself): no device data, no state."""
         if not plan.dp:
             return "" if self.allow_no_dp else "allow-no-dp"
+        if getattr(plan, "privacy", "local") != "local" and t_min < self.min_aggregation_threshold:
+            return "min-aggregation-threshold"
         if plan.delta > self.max_delta:
             return "max-delta"
         if not plan.noise_multiplier >= self.min_noise_multiplier:
             return "min-noise-multiplier"
         # A training plan's user-row steps have their own multiplier; every step the accountant is given must
         # clear the lower of the two floors whatever the plan's fields claim.
-        if getattr(plan, "user_steps", 0) and not getattr(plan, "user_noise_multiplier", 0.0) >= \
+        # (In 'user' mode the user row is fitted without noise: it never leaves, and the whole item update that
+        # does leave is clipped and noised as one.)
+        if getattr(plan, "user_steps", 0) and getattr(plan, "privacy", "local") != "user" and \
+                not getattr(plan, "user_noise_multiplier", 0.0) >= \
                 self.min_user_noise_multiplier:
             return "min-user-noise-multiplier"
         if any(not sigma >= min(self.min_noise_multiplier, self.min_user_noise_multiplier)

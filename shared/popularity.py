@@ -24,12 +24,15 @@ class PopularityPlan:
     dp: bool
     noise_multiplier: float
     delta: float
+    privacy: str = "local"  # distributed/user: a secure sum of quantised reports, each with 1/t of the noise
 
     def __post_init__(self) -> None:
         if (self.dp and not self.noise_multiplier > 0) or not 0 <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER:
             raise PlanError(f"popularity plan: noise_multiplier={self.noise_multiplier!r} out of range")
         if not 0 < self.delta < 1:
             raise PlanError(f"popularity plan: delta={self.delta!r} is out of range")
+        if self.privacy not in ("local", "distributed", "user"):
+            raise PlanError(f"popularity plan: privacy={self.privacy!r} is not local, distributed or user")
 
     def privacy_steps(self) -> list[HistoryEntry]:
         return [(self.noise_multiplier, 1.0, 1)] if self.dp else []
@@ -42,13 +45,22 @@ class PopularityPlan:
         return plan_from_config(cls, config)
 
 
+def indicator(items: np.ndarray, weights: np.ndarray, num_items: int, *, unit_norm: bool = False) -> np.ndarray:
+    """The item indicator (weights clipped to [0, 1]); `unit_norm`: scaled into the L2 unit ball, so the whole
+    report of a device has sensitivity 1 (user-level)."""
+    out = np.zeros(num_items, dtype=np.float64)
+    np.maximum.at(out, items, np.clip(weights, 0.0, 1.0))
+    if unit_norm:
+        out /= max(1.0, float(np.linalg.norm(out)))
+    return out
+
+
 def noisy_indicator(items: np.ndarray, weights: np.ndarray, num_items: int, *, plan: PopularityPlan,
                     seed: int) -> np.ndarray:
-    indicator = np.zeros(num_items, dtype=np.float64)
-    np.maximum.at(indicator, items, np.clip(weights, 0.0, 1.0))
+    report = indicator(items, weights, num_items)
     if plan.dp:
-        indicator += np.random.default_rng(seed).normal(0.0, plan.noise_multiplier, size=num_items)
-    return indicator.astype(np.float32)
+        report += np.random.default_rng(seed).normal(0.0, plan.noise_multiplier, size=num_items)
+    return report.astype(np.float32)
 
 
 def biases_from_counts(total: np.ndarray, *, reports: int, noise_multiplier: float) -> np.ndarray:

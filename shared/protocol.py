@@ -47,6 +47,9 @@ COHORT = "cohort"
 DELTA_CLIP = "delta-clip-norm"
 NONCE = "attempt-nonce"
 REFUSED = "refused"
+THRESHOLD = "sum-threshold"  # modelled secure sum (cohort engine): t, the fewest shares in a decryptable sum
+GRID = "grid"  # a node's (noised, modelled) or a device's (masked, real) contribution to a secure sum
+GRID_SUM = "grid-sum"
 
 
 class ProtocolError(ValueError):
@@ -131,3 +134,20 @@ def delta_clip(cohort: Mapping[str, object]) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= float(value) <= MAX_TABLE_ABS:
         raise ProtocolError(f"cohort: '{DELTA_CLIP}' should be a finite number >= 0, got {value!r}")
     return float(value)
+
+
+def threshold(cohort: Mapping[str, object]) -> int:
+    """t of a modelled secure sum (cohort engine); a missing or non-positive value is refused."""
+    value = cohort.get(THRESHOLD) if hasattr(cohort, "get") else None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ProtocolError(f"cohort: '{THRESHOLD}' should be an integer >= 1, got {value!r}")
+    return value
+
+
+def grid_from_arrays(arrays: Mapping[str, np.ndarray], dimension: int, dtype: type = np.int64) -> np.ndarray:
+    """A node's contribution to a secure sum: `dtype` [dimension] (int64 modelled, uint64 masked)."""
+    _expect_keys(arrays, (GRID_SUM,), "grid")
+    grid = arrays[GRID_SUM]
+    if grid.shape != (dimension,) or grid.dtype != dtype:
+        raise ProtocolError(f"grid: expected {np.dtype(dtype).name} [{dimension}], got {grid.dtype}{list(grid.shape)}")
+    return grid

@@ -34,6 +34,11 @@ class DeviceState:
     declined: tuple[int, ...] = field(default=())  # server rounds it declined for budget
     refused: tuple[tuple[int, str], ...] = ()  # (server round, policy rule) of every plan it refused
     non_private: bool = False  # it once released something without DP (its own policy allowed it): epsilon is inf
+    # The other three figures of shared/privacy/releases.py (`history` is the record-level, honest one).
+    subverted_history: tuple[HistoryEntry, ...] = ()
+    user_history: tuple[HistoryEntry, ...] = ()
+    user_subverted_history: tuple[HistoryEntry, ...] = ()
+    not_user_level: bool = False  # it once made a release without a user-level guarantee: user-level epsilon inf
 
     def to_bytes(self) -> bytes:
         payload = {
@@ -45,6 +50,10 @@ class DeviceState:
             "declined": list(self.declined),
             "refused": [[r, rule] for r, rule in self.refused],
             "non_private": self.non_private,
+            "subverted_history": [list(h) for h in self.subverted_history],
+            "user_history": [list(h) for h in self.user_history],
+            "user_subverted_history": [list(h) for h in self.user_subverted_history],
+            "not_user_level": self.not_user_level,
         }
         body = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)  # never store NaN/inf
         return json.dumps({"sha256": hashlib.sha256(body.encode()).hexdigest(), "state": payload},
@@ -67,7 +76,13 @@ class DeviceState:
                        rounds=tuple(int(r) for r in payload["rounds"]),
                        declined=tuple(int(r) for r in payload["declined"]),
                        refused=tuple((int(r), str(rule)) for r, rule in payload.get("refused", [])),
-                       non_private=bool(payload.get("non_private", False)))
+                       non_private=bool(payload.get("non_private", False)),
+                       # a state written before the four figures: its record history is the subverted one too
+                       subverted_history=tuple(normalize_history(payload.get("subverted_history",
+                                                                             payload["history"]))),
+                       user_history=tuple(normalize_history(payload.get("user_history", []))),
+                       user_subverted_history=tuple(normalize_history(payload.get("user_subverted_history", []))),
+                       not_user_level=bool(payload.get("not_user_level", bool(payload["history"]))))
         except StateError:
             raise
         except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError) as err:

@@ -135,13 +135,17 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
         module: Any = model
         optimizer: Any = LocalSGD(groups)
         criterion: Any = SampledSoftmaxLoss(reduction="sum")
-        if plan.dp:
+        # 'user': no per-example DP at all (the whole item update is clipped and noised in the secure sum);
+        # 'distributed': the item step is clipped per example here, its noise is the device's share in the sum.
+        if plan.dp and plan.privacy != "user":
             rows = k_devices * (n_items if which != "user" else 1)
             mode = choose_grad_sample_mode(plan.grad_sample_mode, batch=expected_batch, rows=rows, dim=items.dim)
-            module, optimizer, criterion = make_private(model, optimizer, criterion, sigma=sigma,
+            shared_out = plan.privacy == "distributed" and which == "items"
+            module, optimizer, criterion = make_private(model, optimizer, criterion, sigma=0.0 if shared_out else sigma,
                                                          clip_norm=plan.clip_norm, mode=mode,
                                                          noise_seed=noise_seed + phase)
-            optimizer.attach_step_hook(_accounting_hook(accountants, sigma, plan.sample_rate))
+            if not shared_out:
+                optimizer.attach_step_hook(_accounting_hook(accountants, sigma, plan.sample_rate))
         for _ in range(steps):
             users, batch_items, batch_weights = _sample_step(plan, positives, weights, generators, n_items)
             examples_used += np.bincount(users.numpy(), minlength=k_devices)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fedrec.shared.config import ConfigError, RunConfig
+from fedrec.shared.config import PRIVACY_MODES, ConfigError, RunConfig
 from fedrec.shared.data.interactions import DataError
 from fedrec.shared.state import StateError
 
@@ -21,7 +21,8 @@ log = logging.getLogger("fedrec")
 SIMULATE_FLAGS = {"dataset": "dataset", "data_path": "data-path", "rounds": "rounds", "devices": "devices",
                   "devices_per_round": "devices-per-round", "noise_multiplier": "noise-multiplier",
                   "epsilon_budget": "epsilon-budget", "seed": "seed", "out": "out-dir",
-                  "engine": "simulation-engine", "shards": "simulation-shards", "ray_address": "ray-address"}
+                  "engine": "simulation-engine", "shards": "simulation-shards", "ray_address": "ray-address",
+                  "privacy": "privacy"}
 
 
 def parse_run_config(values: Sequence[str]) -> dict[str, Any]:
@@ -168,7 +169,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     mapping = {"dataset": args.dataset, "data-path": args.data_path or "", **parse_run_config(args.run_config or []),
                **data_overrides(args)}
     for attr, key in (("rounds", "rounds"), ("devices", "devices"), ("devices_per_round", "devices-per-round"),
-                      ("seed", "seed")):
+                      ("seed", "seed"), ("privacy", "privacy")):
         if getattr(args, attr) is not None:
             mapping[key] = getattr(args, attr)
     epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
@@ -200,7 +201,7 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
     mapping = parse_run_config(args.run_config or [])
     mapping.update({k: v for k, v in (("devices", args.devices), ("rounds", args.rounds),
                                       ("devices-per-round", args.devices_per_round), ("dataset", args.dataset),
-                                      ("data-path", args.data_path)) if v is not None})
+                                      ("data-path", args.data_path), ("privacy", args.privacy)) if v is not None})
     if args.devices < 1 and mapping.get("dataset", "synthetic") == "synthetic":
         # one SuperNode per device: 0 means every device of a prepared folder, but a synthetic one has no 'every'
         raise ConfigError(f"--devices {args.devices}: a synthetic deployment needs at least 1")
@@ -227,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "plans and the devices' policy (allow-no-dp=true)")
     sim.add_argument("--noise-multiplier", help=help_of["noise-multiplier"])
     sim.add_argument("--epsilon-budget", type=float, help=help_of["epsilon-budget"])
+    sim.add_argument("--privacy", choices=PRIVACY_MODES, help=help_of["privacy"])
     sim.add_argument("--seed", type=int, help=help_of["seed"])
     sim.add_argument("--out", help="run directory (default runs/<timestamp>)")
     sim.add_argument("--engine", choices=("cohort", "device"), help=help_of["simulation-engine"])
@@ -262,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--devices-per-round", type=int, help=help_of["devices-per-round"])
     report.add_argument("--seed", type=int, help=help_of["seed"])
     report.add_argument("--title", help="title of the report (default: the data set's name)")
+    report.add_argument("--privacy", choices=("local", "distributed", "user"),
+                        help="the mode of the report's federated DP runs (default local)")
     report.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS", help="more settings")
     add_data_flags(report)
     report.set_defaults(func=cmd_report)
@@ -290,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                           "folder with devices/")
     dep.add_argument("--data-path", help="the prepared folder (with --dataset prepared)")
     dep.add_argument("--out", required=True, help="folder for data, credentials, device state, logs and the run")
+    dep.add_argument("--privacy", choices=PRIVACY_MODES, help=help_of["privacy"])
     dep.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS", help="more settings")
     dep.set_defaults(func=cmd_deploy_local)
 

@@ -1,0 +1,49 @@
+"""What one release costs a device, in four figures: record or user level, honest or subverted aggregation.
+
+A device keeps four privacy histories (shared/state.py):
+- record: record-level RDP against a server that follows the protocol (honest but curious); every release
+  the device ever made is composed here, so it is the device's lifetime record-level guarantee;
+- record_subverted: the same against a server that subverts secure aggregation and reads one device's
+  masked vector: only the device's own noise share protects it (equal to `record` in local mode);
+- user, user_subverted: user-level (the whole device is the unit); finite only while every release the
+  device made was user-level (a record-level release gives no user-level guarantee).
+The budget is enforced on the unit of the run's mode (user level in 'user', record level otherwise); a
+user-level release also counts at record level, with twice the sensitivity (a record changed inside a
+device moves its clipped update by up to 2S).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..distributed_dp import distributed_entries
+from .accounting import HistoryEntry
+
+
+@dataclass(frozen=True)
+class ReleaseCost:
+    record: list[HistoryEntry]
+    record_subverted: list[HistoryEntry]
+    user: list[HistoryEntry] | None  # None: this release has no user-level guarantee
+    user_subverted: list[HistoryEntry] | None
+    private: bool = True  # False: released without DP (epsilon inf from then on)
+
+
+def release_cost(plan: object, t_min: int = 0) -> ReleaseCost:
+    """The history entries of one release of `plan` into a sum of at least `t_min` shares (0: no sum)."""
+    if not getattr(plan, "dp", False):
+        return ReleaseCost([], [], None, None, private=False)
+    mode = getattr(plan, "privacy", "local")
+    steps = list(plan.privacy_steps())  # type: ignore[attr-defined]
+    if mode == "local":
+        return ReleaseCost(steps, steps, None, None)
+    if t_min < 1:
+        raise ValueError(f"a {mode} plan releases into a secure sum: t_min must be >= 1, got {t_min}")
+    sigma = float(plan.noise_multiplier)  # type: ignore[attr-defined]
+    if mode == "distributed":
+        honest, subverted = distributed_entries(sigma, t_min)
+        local = steps[1:]  # the user-row steps (training plans): local noise, never sent
+        return ReleaseCost([honest, *local], [subverted, *local], None, None)
+    user_honest, user_subverted = distributed_entries(sigma, t_min)
+    record_honest, record_subverted = distributed_entries(sigma, t_min, sensitivity_factor=2.0)
+    return ReleaseCost([record_honest], [record_subverted], [user_honest], [user_subverted])

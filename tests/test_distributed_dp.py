@@ -1,0 +1,99 @@
+"""Distributed DP: the Skellam bound against the exact divergence, the grid, the noise shares and their sum."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import skellam
+
+from fedrec.shared.distributed_dp import (GRID_INFLATION, SumMechanism, accounted_multiplier, distributed_entries,
+                                          skellam_rdp, to_modular)
+from fedrec.shared.privacy.accounting import RDP_ORDERS, rdp_curve
+
+
+def exact_skellam_divergence(alpha: float, variance: float, shift: int) -> float:
+    """D_alpha(Sk + shift || Sk) for Sk of the given variance, summed over the support (log-space)."""
+    mu = variance / 2
+    width = int(40 * math.sqrt(variance)) + 40 * shift + 100
+    support = np.arange(-width, width + 1)
+    log_p = skellam.logpmf(support - shift, mu, mu)
+    log_q = skellam.logpmf(support, mu, mu)
+    finite = np.isfinite(log_p) & np.isfinite(log_q)  # the far tails underflow; their mass is negligible
+    terms = alpha * log_p[finite] + (1 - alpha) * log_q[finite]
+    top = terms.max()
+    return float((top + math.log(np.exp(terms - top).sum())) / (alpha - 1))
+
+
+@pytest.mark.parametrize("variance", [4.0, 20.0, 200.0])
+@pytest.mark.parametrize("shift", [1, 2, 5])
+@pytest.mark.parametrize("alpha", [1.5, 2.0, 8.0, 32.0])
+def test_the_skellam_bound_is_above_the_exact_divergence(variance, shift, alpha):
+    exact = exact_skellam_divergence(alpha, variance, shift)
+    bound = float(skellam_rdp(np.array([alpha]), variance=variance, l2=shift, l1=shift)[0])
+    assert exact <= bound * (1 + 1e-9)
+    gaussian = alpha * shift**2 / (2 * variance)
+    assert bound < gaussian * 1.5 + 3 * shift / (2 * variance)  # and not vacuous: close to the Gaussian curve
+
+
+def test_the_accounted_multiplier_bounds_the_skellam_curve_on_the_grid():
+    for z, shares, dim in [(1.0, 1.0, 1), (0.8, 1.0, 170_000), (1.0, 1 / 80, 1), (3.0, 1 / 100, 40)]:
+        mech = SumMechanism(sensitivity=0.7, noise_multiplier=z, t_min=1, dimension=dim)
+        variance = shares * (z * mech.sensitivity / mech.grid_step) ** 2
+        l2 = mech.sensitivity / mech.grid_step + math.sqrt(dim)
+        exact_bound = skellam_rdp(np.asarray(RDP_ORDERS), variance=variance, l2=l2, l1=math.sqrt(dim) * l2)
+        accounted = rdp_curve([(accounted_multiplier(z, shares), 1.0, 1)])
+        assert np.all(accounted >= exact_bound * (1 - 1e-12))
+        # the loss against an exact Gaussian at z (shares of it): the rounding inflation (1%), plus the Skellam
+        # correction at small variances (under 1% here)
+        assert accounted_multiplier(z, shares) == pytest.approx(z * math.sqrt(shares) / (1 + GRID_INFLATION),
+                                                                rel=1e-2)
+
+
+def test_distributed_entries_give_two_figures():
+    honest, subverted = distributed_entries(1.0, 80)
+    assert honest[0] == pytest.approx(1 / 1.01, rel=1e-3)
+    assert subverted[0] == pytest.approx(1 / 1.01 / math.sqrt(80), rel=1e-2)
+    assert distributed_entries(1.0, 80, sensitivity_factor=2.0)[0][0] == pytest.approx(honest[0] / 2)
+    with pytest.raises(ValueError):
+        distributed_entries(1.0, 0)
+
+
+def test_quantised_sum_decodes_within_the_rounding_bound_and_wraps_modulo_2_64():
+    rng = np.random.default_rng(0)
+    mech = SumMechanism(sensitivity=1.0, noise_multiplier=0.0, t_min=5, dimension=300)
+    vectors = [rng.normal(0, 0.05, 300) for _ in range(5)]
+    encoded = [mech.encode(v, rng)[0] for v in vectors]
+    modular = np.zeros(300, dtype=np.uint64)
+    for e in encoded:
+        modular += to_modular(e)  # wraps for negative values
+    total = mech.decode(modular)
+    assert np.max(np.abs(total - np.sum(vectors, axis=0))) <= 5 * mech.grid_step / 2 + 1e-12
+    assert mech.encode(None, rng)[0].tolist() == [0] * 300
+
+
+def test_noise_shares_sum_to_the_full_variance_and_the_clamp_never_cuts_them():
+    rng = np.random.default_rng(1)
+    mech = SumMechanism(sensitivity=0.5, noise_multiplier=1.0, t_min=20, dimension=20_000)
+    grids, clamped = zip(*(mech.encode(np.zeros(20_000), rng) for _ in range(20)))
+    total = np.sum(grids, axis=0)
+    assert sum(clamped) == 0
+    std = float(np.std(mech.decode(total)))
+    assert std == pytest.approx(1.0 * 0.5, rel=0.02)  # t_min shares: z * sensitivity
+    assert mech.sum_noise_std(20) == pytest.approx(0.5, rel=1e-9)
+    # a clamp rate check at a large noise: one device's share at z = 50 stays far inside the clamp
+    loud = SumMechanism(sensitivity=1.0, noise_multiplier=50.0, t_min=2, dimension=170_000)
+    assert loud.encode(np.zeros(170_000), rng)[1] == 0
+
+
+def test_one_node_level_draw_matches_per_device_draws_in_distribution():
+    """The cohort engine draws a node's m shares at once; the device engine draws each: same distribution."""
+    from scipy.stats import ks_2samp
+
+    mech = SumMechanism(sensitivity=1.0, noise_multiplier=1.0, t_min=10, dimension=5_000)
+    rng = np.random.default_rng(2)
+    once = mech.noise(rng, shares=7)
+    each = np.sum([mech.noise(rng) for _ in range(7)], axis=0)
+    assert ks_2samp(once, each).pvalue > 1e-3
+    assert np.var(once) == pytest.approx(7 * mech.share_variance, rel=0.05)

@@ -1,0 +1,154 @@
+"""A real secure sum through the real ClientApp: what the server receives is masked, the decrypted sum is the plain
+sum plus exactly the noise of the shares, dropouts at each stage, and refusals before commitment."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+
+from fedrec.client.app import build_client_app
+from fedrec.client.nodes import open_node
+from fedrec.server.secagg import run_secure_sum
+from fedrec.shared import protocol as P
+from fedrec.shared.config import RunConfig
+from fedrec.shared.device import train_devices
+from fedrec.shared.distributed_dp import GridSum
+from fedrec.shared.secure_release import training_mechanism
+from fedrec.shared.state import FileStateStore
+from tests.helpers import message, plan, tables
+from tests.test_messages import arrays_record
+
+DEVICES = 8
+
+
+class LoopbackGrid:
+    """The transport only: each message goes to the real ClientApp of its node, in this process. `drop(stage, node)`
+    makes a node miss a stage (no reply, as after a timeout)."""
+
+    def __init__(self, config: RunConfig, drop=lambda stage, node: False) -> None:
+        self.client = build_client_app(config)
+        self.contexts = {100 + k: Context(run_id=1, node_id=100 + k, node_config={"partition-id": k,
+                                                                                  "num-partitions": DEVICES},
+                                          state=RecordDict(), run_config={}) for k in range(DEVICES)}
+        self.drop = drop
+        self.received: dict[str, list[Message]] = {}
+
+    def send_and_receive(self, messages, timeout=None):
+        replies = []
+        for m in messages:
+            stage, node = m.metadata.message_type.split("_")[-1], m.metadata.dst_node_id
+            if self.drop(stage, node):
+                continue
+            replies.append(self.client(message(m.content, dst=node, message_type=m.metadata.message_type),
+                                       self.contexts[node]))
+        self.received.setdefault(stage, []).extend(replies)
+        return replies
+
+
+@pytest.fixture(autouse=True)
+def server_process_identity(monkeypatch):
+    """A ServerApp's messages carry its run id, which Flower sets in the server process; this test is that process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture
+def config(tmp_path) -> RunConfig:
+    return RunConfig(devices=DEVICES, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=12,
+                     embedding_dim=4, num_negatives=4, devices_per_round=DEVICES, privacy="distributed",
+                     out_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"))
+
+
+def secure_round(config: RunConfig, grid: LoopbackGrid, t_min: int, noise_multiplier: float = 1.0):
+    p = plan(privacy="distributed", noise_multiplier=noise_multiplier, lr=0.5, num_negatives=4)
+    t = tables(num_items=config.synthetic_items, dim=config.embedding_dim)
+    mechanism = training_mechanism(p, t.num_items, t.dim, t_min)
+    content = {P.TABLES: arrays_record(P.tables_to_arrays(t)), P.PLAN: P_config(p)}
+    asked = {100 + k: [f"sim-{k}"] for k in range(DEVICES)}
+    replies, total, shares = run_secure_sum(grid, config, 1, "train", content, asked, mechanism, nonce=0,
+                                            message_type="train", epsilon_budget=config.epsilon_budget)
+    return p, t, mechanism, replies, total, shares
+
+
+def P_config(p):
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord(p.to_config())
+
+
+def plain_grids(config: RunConfig, p, t, t_min: int, devices: list[str], tmp_state) -> dict[str, np.ndarray]:
+    """Each device's quantised update without noise, trained again from a fresh state (training is seeded)."""
+    fresh = config.replace(state_dir=str(tmp_state))
+    out = {}
+    for name in devices:
+        k = int(name.split("-")[1])
+        context = Context(run_id=1, node_id=100 + k, node_config={"partition-id": k, "num-partitions": DEVICES},
+                          state=RecordDict(), run_config={})
+        node = open_node(context, fresh)
+        device = node.devices(RecordDict({P.COHORT: P_cohort([name])}))[0]
+        grid = GridSum.zeros(training_mechanism(p, t.num_items, t.dim, t_min))
+        train_devices([device], p, t, secure=grid, t_min=t_min)
+        out[name] = grid.total
+    return out
+
+
+def P_cohort(devices):
+    from flwr.app import ConfigRecord
+
+    return ConfigRecord({P.DEVICE_IDS: devices, P.NONCE: 0})
+
+
+def test_the_server_sees_masked_vectors_and_decrypts_the_plain_sum_plus_the_shares_noise(config, tmp_path):
+    grid = LoopbackGrid(config)
+    p, t, mechanism, replies, total, shares = secure_round(config, grid, t_min=6)
+    assert total is not None and shares == DEVICES and len(replies.trained) == DEVICES
+    plain = plain_grids(config, p, t, 6, replies.trained, tmp_path / "fresh")
+    for reply in grid.received["masked"]:  # every vector the server got is masked: nowhere near the device's own
+        device = reply.content[P.DEVICE][P.DEVICE_IDS][0]
+        masked = reply.content[P.GRID][P.GRID_SUM].numpy().view(np.int64)
+        assert np.median(np.abs(masked.astype(np.float64) - plain[device])) > 2.0**40
+    residual = total - mechanism.decode(np.sum(list(plain.values()), axis=0))
+    # the noise of s = 8 shares, each of variance sigma^2 C'^2 / t_min: std sigma C' sqrt(s / t_min)
+    assert np.std(residual) == pytest.approx(mechanism.sum_noise_std(DEVICES), rel=0.15)
+    assert mechanism.sum_noise_std(DEVICES) == pytest.approx(1.0 * 0.5 * 1.0 * np.sqrt(DEVICES / 6), rel=1e-9)
+    assert abs(np.mean(residual)) < 4 * mechanism.sum_noise_std(DEVICES) / np.sqrt(residual.size)
+    # both figures reported by every device, the subverted one larger
+    assert all(replies.epsilon_subverted[d] > replies.epsilon[d] > 0 for d in replies.trained)
+
+
+def test_a_device_dropping_after_its_masked_vector_is_declared_dead_and_the_sum_still_decrypts(config, tmp_path):
+    dropped = 103
+    grid = LoopbackGrid(config, drop=lambda stage, node: stage == "masked" and node == dropped)
+    p, t, mechanism, replies, total, shares = secure_round(config, grid, t_min=6)
+    assert total is not None and shares == DEVICES - 1 and "sim-3" not in replies.trained
+    plain = plain_grids(config, p, t, 6, replies.trained, tmp_path / "fresh")
+    residual = total - mechanism.decode(np.sum(list(plain.values()), axis=0))
+    assert np.std(residual) == pytest.approx(mechanism.sum_noise_std(DEVICES - 1), rel=0.15)
+
+
+def test_a_round_that_cannot_be_decrypted_aborts_before_anyone_trains(config):
+    grid = LoopbackGrid(config, drop=lambda stage, node: stage == "shares" and node >= 105)  # 5 of 8 left, t = 6
+    _, _, _, replies, total, shares = secure_round(config, grid, t_min=6)
+    assert total is None and not replies.trained and "masked" not in grid.received
+    for k in range(DEVICES):  # nobody trained, nobody was charged
+        state = FileStateStore(f"{config.state_dir}/sim-{k}.json").load()
+        assert state is None or not state.history
+
+
+def test_too_few_masked_vectors_abort_the_round(config):
+    grid = LoopbackGrid(config, drop=lambda stage, node: stage == "masked" and node >= 104)  # 4 of 8 mask, t = 6
+    _, _, _, replies, total, _ = secure_round(config, grid, t_min=6)
+    assert total is None and len(replies.trained) == 4
+
+
+def test_a_device_whose_policy_demands_a_larger_threshold_refuses_before_committing(config):
+    strict = config.replace(device_policy="min-aggregation-threshold=7")
+    grid = LoopbackGrid(strict)
+    _, _, _, replies, total, _ = secure_round(strict, grid, t_min=6)
+    assert total is None and not replies.trained
+    assert set(replies.refused.values()) == {"min-aggregation-threshold"}
+    assert all(P.GRID not in r.content and "secagg" not in r.content for r in grid.received["keys"])
