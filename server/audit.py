@@ -33,6 +33,7 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
 from fedrec.shared.config import AUTO, ConfigError, RunConfig
+from fedrec.shared.distributed_dp import distributed_entries
 
 from .records import CONFIG, LEDGER, RunRecords
 
@@ -77,20 +78,45 @@ class DeviceAudit:
     recomputed_rdp: float = 0.0
     recomputed_pld: float = 0.0
     charged_rdp: float = 0.0  # recomputed over steps + unseen_steps: the most it can have spent
+    subverted_steps: list[Step] = field(default_factory=list)  # the same releases, own noise share only
+    reported_subverted: float | None = None
+    recomputed_subverted: float = 0.0
     trajectory: list[tuple[int, float]] = field(default_factory=list)  # (round, recomputed epsilon after it)
 
 
-def plan_steps(entry: dict[str, Any]) -> list[Step]:
-    """The DP steps a round's plan asks of each device, derived from the plan itself."""
+def plan_noise(entry: dict[str, Any]) -> list[Step]:
+    """The noise a round's plan asks for, as (sigma, q, steps), derived from the plan itself."""
     plan = entry["plan"]
     if not plan.get("dp", False):
         return []
-    if entry.get("kind") in ("popularity", "evaluate"):
+    if entry.get("kind") in ("popularity", "evaluate") or plan.get("privacy") == "user":
         return [(float(plan["noise-multiplier"]), 1.0, 1)]
-    steps = [(float(plan["noise-multiplier"]), float(plan["sample-rate"]), int(plan["steps"]))]
+    if plan.get("privacy") == "distributed":
+        steps = [(float(plan["noise-multiplier"]), 1.0, 1)]
+    else:
+        steps = [(float(plan["noise-multiplier"]), float(plan["sample-rate"]), int(plan["steps"]))]
     if int(plan.get("user-steps", 0)) > 0:
         steps.append((float(plan["user-noise-multiplier"]), float(plan["sample-rate"]), int(plan["user-steps"])))
     return steps
+
+
+def plan_steps(entry: dict[str, Any], *, subverted: bool = False) -> list[Step]:
+    """The history a round adds to each device it reached, at the unit the devices report in the run's mode.
+
+    Local mode: the noise itself. Distributed and user modes: the item release goes into a secure sum of at
+    least t_min shares (the ledger's write-ahead line records t_min), accounted by the quantised Skellam bound
+    (fedrec.shared.distributed_dp, checked against the exact divergence in its tests); `subverted`: only the
+    device's own share, 1/t_min of the sum's variance. User mode reports user-level figures.
+    """
+    noise = plan_noise(entry)
+    mode = entry["plan"].get("privacy", "local")
+    if not noise or mode not in ("distributed", "user"):
+        return noise
+    t_min = int(entry.get("t_min", 0))
+    if t_min < 1:
+        return [(0.0, 1.0, 1)]  # no threshold recorded: nothing can be claimed (epsilon inf)
+    honest, own = distributed_entries(noise[0][0], t_min)
+    return [own if subverted else honest, *noise[1:]]
 
 
 def _compact(steps: Iterable[Step]) -> tuple[Step, ...]:
@@ -258,6 +284,8 @@ def check_plan(entry: dict[str, Any], config: RunConfig, sigma: dict[str, float]
     """Differences between a round's plan and what the run's config implies."""
     plan, kind, rnd = entry["plan"], entry.get("kind", "train"), entry.get("round")
     expected: dict[str, Any] = {"dp": config.dp, "delta": config.delta}
+    if config.privacy in ("distributed", "user") and kind != "evaluate":
+        expected["privacy"] = config.privacy
     if kind == "train":  # every field of the plan: any of them can change what a device's reply reveals
         expected.update({"sample-rate": config.sample_rate, "clip-norm": config.clip_norm,
                          "steps": config.local_steps, "user-steps": config.user_steps, "lr": config.local_lr,
@@ -281,16 +309,16 @@ def check_plan(entry: dict[str, Any], config: RunConfig, sigma: dict[str, float]
         flags.append(Flag("error", "noise_changed",
                           f"round {rnd}: noise-multiplier {noise} differs from earlier rounds ({sigma[kind]})",
                           round=rnd))
-    if kind == "train" and config.user_steps:
+    if kind == "train" and config.user_steps and config.privacy != "user":
         ratio = float(plan.get("user-noise-multiplier", float("nan"))) / noise
         if not math.isclose(ratio, config.user_noise_ratio, rel_tol=1e-6):
             flags.append(Flag("error", "plan_differs_from_config",
                               f"round {rnd}: user noise ratio {ratio:.6g}, config says {config.user_noise_ratio}",
                               round=rnd))
     listed = [tuple(step) for step in entry.get("privacy_steps", [])]
-    if _compact(listed) != _compact(plan_steps(entry)):
+    if _compact(listed) != _compact(plan_noise(entry)):
         flags.append(Flag("error", "ledger_steps_inconsistent",
-                          f"round {rnd}: ledger lists privacy steps {listed}, the plan implies {plan_steps(entry)}",
+                          f"round {rnd}: ledger lists privacy steps {listed}, the plan implies {plan_noise(entry)}",
                           round=rnd))
     return flags
 
@@ -336,6 +364,7 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
             flags.append(Flag("error", "ledger_lines_disagree", f"{kind} round {rnd}: the outcome line's plan differs "
                                                                 "from the plan written ahead of sending", round=rnd))
         steps = plan_steps(sent)
+        own_steps = plan_steps(sent, subverted=True)
         if done is None:
             flags.append(Flag("info", "round_unfinished", f"{kind} round {rnd} was sent but never completed (the "
                                                           "server stopped); every device asked is charged for it",
@@ -348,6 +377,7 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
             audit = devices.setdefault(device, DeviceAudit(device))
             audit.rounds.append(rnd)
             audit.steps.extend(steps)
+            audit.subverted_steps.extend(own_steps)
             audit.trajectory.append((rnd, rdp_epsilon(_compact(audit.steps), config.delta)))
             if device not in reported and config.dp:
                 flags.append(Flag("error", "epsilon_not_reported", f"round {rnd}: {device} released an update but "
@@ -356,16 +386,27 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
             devices.setdefault(device, DeviceAudit(device)).unseen_steps.extend(steps)
         for device, eps in reported.items():
             devices.setdefault(device, DeviceAudit(device)).reported = math.inf if eps is None else float(eps)
+        for device, eps in done.get("epsilon_subverted_reported", {}).items():
+            devices.setdefault(device, DeviceAudit(device)).reported_subverted = \
+                math.inf if eps is None else float(eps)
     for audit in devices.values():
         compact = _compact(audit.steps)
         audit.recomputed_rdp = rdp_epsilon(compact, config.delta)
         audit.recomputed_pld = pld_epsilon(compact, config.delta)
         audit.charged_rdp = rdp_epsilon(_compact([*audit.steps, *audit.unseen_steps]), config.delta)
+        audit.recomputed_subverted = rdp_epsilon(_compact(audit.subverted_steps), config.delta)
         flags.extend(_device_flags(audit, config, tolerance))
     user_level, user_flags = audit_user_level(entries, config, run_dir, tolerance)
     result = _verdict(config, devices, flags + user_flags, tolerance, run_dir)
     if user_level is not None:
         result["user_level"] = user_level
+    if config.privacy in ("distributed", "user"):
+        result["secure_aggregation"] = {
+            "unit": "user level" if config.privacy == "user" else "record level",
+            "epsilon_max_subverted_recomputed": _json_number(max((a.recomputed_subverted for a in devices.values()),
+                                                                 default=0.0)),
+            "note": "honest-but-curious figures above; against a server that subverts aggregation only each "
+                    "device's own noise share (1/t_min of the sum's variance) protects it"}
     return result
 
 
@@ -382,6 +423,12 @@ def _device_flags(audit: DeviceAudit, config: RunConfig, tolerance: float) -> li
             flags.append(Flag("error", "epsilon_over_reported", f"{audit.device} reported epsilon {reported:.6g}, "
                               f"more than all it could have been charged ({charged:.6g}): the ledger misses "
                               "releases", device=audit.device))
+    if audit.reported_subverted is not None and config.privacy in ("distributed", "user") and \
+            audit.reported_subverted < audit.recomputed_subverted * (1 - tolerance) - 1e-12:
+        flags.append(Flag("error", "subverted_epsilon_under_reported",
+                          f"{audit.device} reported epsilon {audit.reported_subverted:.6g} against subverted "
+                          f"aggregation, its own noise shares imply {audit.recomputed_subverted:.6g}",
+                          device=audit.device))
     if recomputed > config.epsilon_budget * (1 + tolerance):
         flags.append(Flag("error", "over_budget", f"{audit.device}: recomputed epsilon {recomputed:.6g} exceeds the "
                           f"budget {config.epsilon_budget}", device=audit.device))

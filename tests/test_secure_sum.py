@@ -3,6 +3,8 @@ sum plus exactly the noise of the shares, dropouts at each stage, and refusals b
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from flwr.app import Context, Message, RecordDict
@@ -152,3 +154,30 @@ def test_a_device_whose_policy_demands_a_larger_threshold_refuses_before_committ
     assert total is None and not replies.trained
     assert set(replies.refused.values()) == {"min-aggregation-threshold"}
     assert all(P.GRID not in r.content and "secagg" not in r.content for r in grid.received["keys"])
+
+
+@pytest.mark.parametrize("engine,mode,aggregation", [("device", "distributed", "real"), ("cohort", "user", "modelled")])
+def test_a_secure_mode_run_states_both_figures_and_its_audit_recomputes_them(tmp_path, engine, mode, aggregation,
+                                                                             monkeypatch):
+    from fedrec.server.audit import audit_run
+    from fedrec.simulation.runner import simulate
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr in ("_run_id", "_node_id", "_task_id"):  # the simulation sets its own identity
+        monkeypatch.setattr(TaskIdentity, attr, None)
+    config = RunConfig(devices=8, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=12, embedding_dim=4,
+                       num_negatives=4, rounds=2, devices_per_round=6, privacy=mode, simulation_engine=engine,
+                       baselines=False, out_dir=str(tmp_path / "run"))
+    summary = simulate(config)
+    privacy = summary["privacy"]
+    assert (privacy["mode"], privacy["secure_aggregation"]) == (mode, aggregation)
+    figures = privacy["user_level"] if mode == "user" else privacy["record_level"]
+    assert 0 < figures["epsilon_max"] <= config.epsilon_budget < figures["epsilon_max_subverted"]
+    audit = audit_run(tmp_path / "run")
+    assert audit["verdict"] == "pass", [f for f in audit["flags"] if f["severity"] == "error"]
+    assert audit["secure_aggregation"]["epsilon_max_subverted_recomputed"] == \
+        pytest.approx(figures["epsilon_max_subverted"], rel=1e-6)
+    ledger = [json.loads(line) for line in (tmp_path / "run" / "ledger.jsonl").read_text().splitlines()]
+    sums = [e["secure_sum"] for e in ledger if e.get("status") == "done" and e.get("kind") == "train"]
+    assert sums and all(s["aggregation"] == aggregation and s["decrypted"] and s["shares"] >= s["t_min"]
+                        for s in sums)
