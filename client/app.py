@@ -83,6 +83,7 @@ def handle_train(message: Message, context: Context, config: RunConfig) -> Messa
     tables = P.tables_from_arrays(_arrays(message.content[P.TABLES]))
     node.received(tables, plan.server_round)
     if plan.privacy in SECURE_MODES:
+        _modelled_sums_only(node)
         return _modelled_sum(message, devices, plan, training_mechanism(
             plan, tables.num_items, tables.dim, P.threshold(message.content[P.COHORT])),
             lambda grid, t: train_devices(devices, plan, tables, secure=grid, t_min=t,
@@ -103,6 +104,7 @@ def handle_popularity(message: Message, context: Context, config: RunConfig) -> 
     devices = node.devices(message.content)
     plan = PopularityPlan.from_config(dict(message.content[P.PRIOR]))
     if plan.dp and plan.privacy in SECURE_MODES:
+        _modelled_sums_only(node)
         return _modelled_sum(message, devices, plan, popularity_mechanism(
             plan, node.num_items, P.threshold(message.content[P.COHORT])),
             lambda grid, t: report_popularity_sum(devices, plan, node.num_items, secure=grid, t_min=t,
@@ -129,6 +131,13 @@ def handle_evaluate(message: Message, context: Context, config: RunConfig) -> Me
     if released:
         content[P.METRICS] = MetricRecord({k: [m[k] for m in released] for k in RELEASED_METRICS})
     return Message(content, reply_to=message)
+
+
+def _modelled_sums_only(node: object) -> None:
+    """A secure-mode plan outside the secure-sum protocol is answered only where sums are modelled (cohort engine):
+    a deployed device would otherwise send its own vector, with only its noise share, in clear."""
+    if not getattr(node, "models_secure_sums", False):
+        raise P.ProtocolError("a distributed or user plan outside the secure-sum protocol: refused")
 
 
 def _modelled_sum(message: Message, devices: list[Device], plan: LocalTrainingPlan | PopularityPlan,

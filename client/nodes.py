@@ -86,6 +86,9 @@ class SimulatedNode:
         self.num_items = self.population.num_items
         self.keys = {f"sim-{k}": k for k in shard_members(self.population.num_devices, shard, shards)}
         self.policy = simulated_policy(config)
+        # Only the cohort engine models secure sums (a node speaks for many devices there); everywhere else a
+        # device in a secure mode sends nothing outside the real protocol.
+        self.models_secure_sums = config.simulation_engine == "cohort"
 
     def device_ids(self) -> list[str]:
         return sorted(self.keys, key=self.keys.__getitem__)

@@ -146,6 +146,10 @@ def handle_masked(message: Message, context: Context, config: RunConfig) -> Mess
     if not (isinstance(senders, list) and isinstance(cts, list) and len(senders) == len(cts)):
         raise P.ProtocolError("secure sum: routed shares should list senders and ciphertexts of equal length")
     nonce = P.nonce(message.content[P.COHORT])
+    # Verify the routed shares and fix U2 first, and store that before reading any data: a replayed or forged
+    # masked request then fails here, so one commitment never trains (or charges the budget) twice.
+    session.receive_shares({str(v): bytes(c) for v, c in zip(senders, cts)})
+    _save(context, session, **saved)
     if isinstance(plan, LocalTrainingPlan):
         import torch  # the training path only
 
@@ -166,10 +170,10 @@ def handle_masked(message: Message, context: Context, config: RunConfig) -> Mess
         mechanism = _mechanism(plan, node.num_items, 0, t_min)
         grid = GridSum.zeros(mechanism)
         outcomes, _ = report_popularity_sum(devices, plan, node.num_items, secure=grid, t_min=t_min, nonce=nonce)
-    if grid.count == 0:  # the budget changed between commitment and training (it cannot, but never send nothing)
+    if grid.count == 0:  # it declined after committing (a release in between took its budget): noise share only
         grid.add(None)
     rng = np.random.default_rng(share_seed(devices, plan.server_round, nonce))
-    masked = session.mask({str(v): bytes(c) for v, c in zip(senders, cts)}, to_modular(grid.noised(rng)))
+    masked = session.mask_input(to_modular(grid.noised(rng)))
     _save(context, session, **saved)
     return _reply(message, devices, outcomes, **{P.GRID: ArrayRecord({P.GRID_SUM: Array(masked)})})
 

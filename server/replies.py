@@ -144,12 +144,14 @@ def sort_secure_stage(replies: Iterable[Message], asked: Asked, out: TrainReplie
             eps = _per_device(report, "epsilon", 1, "report", allow_inf=not dp)[0]
             eps_subverted = _per_device(report, "epsilon-subverted", 1, "report", allow_inf=True)[0]
             rule = _refusals(reply, 1)[0]
-            if declined not in (0.0, 1.0) or eps < 0 or (rule and not declined) or (declined and stage != "keys"):
+            if declined not in (0.0, 1.0) or eps < 0 or (rule and not declined) or \
+                    (declined and stage not in ("keys", "masked")):
                 raise P.ProtocolError(f"report: declined={declined}, epsilon={eps} out of range at stage {stage}")
             if dp and eps > epsilon_budget * (1 + EPSILON_SLACK):
                 raise P.ProtocolError(f"reported epsilon {eps:.4f} exceeds the budget {epsilon_budget}")
             payload = P.GRID if stage == "masked" else "secagg"
-            if not declined and payload not in reply.content:
+            # a device that declines at the masked stage still sends its (data-independent) noise share
+            if (not declined or stage == "masked") and payload not in reply.content:
                 raise P.ProtocolError(f"the {stage} reply carries no '{payload}' record")
         except (P.ProtocolError, ValueError, TypeError) as err:
             out.rejected[device] = str(err)
@@ -160,6 +162,8 @@ def sort_secure_stage(replies: Iterable[Message], asked: Asked, out: TrainReplie
             out.refused[device] = rule
         elif declined:
             out.declined.append(device)
+            if stage == "masked":
+                kept[device] = reply  # its noise share stays in the sum (and keeps the masks cancelling)
         else:
             kept[device] = reply
     out.declined.sort()

@@ -91,7 +91,8 @@ def run_secure_sum(grid: Grid, config: RunConfig, server_round: int, kind: str, 
         vector = P.grid_from_arrays({k: a.numpy() for k, a in reply[P.GRID].items()}, mechanism.dimension,
                                     np.uint64)
         masked[device] = vector
-        out.trained.append(device)
+        if device not in out.declined:
+            out.trained.append(device)
     out.trained.sort()
     try:
         alive, dead = session.receive_masked(masked)

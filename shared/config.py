@@ -102,8 +102,9 @@ class RunConfig:
                                  "(what --no-dp sets)", choices=PRIVACY_MODES)
     aggregation_threshold: float = _opt(0.8, "distributed and user modes: the secure sum decrypts only with at least "
                                              "this share of the round's devices (t = ceil(share x devices asked)); "
-                                             "each device adds 1/t of the noise, so fewer survivors abort the round",
-                                        min_exclusive=0.0, max=1.0)
+                                             "each device adds 1/t of the noise, so fewer survivors abort the "
+                                             "round; above 0.5, as secure aggregation needs t > n / 2",
+                                        min_exclusive=0.5, max=1.0)
     noise_multiplier: float | str = _opt(AUTO, "DP-SGD noise multiplier sigma, or 'auto' to calibrate it to the "
                                                "epsilon budget from the expected participation", auto_ok=True, min_exclusive=0.0)
     clip_norm: float = _opt(1.0, "per-example gradient clipping bound C", min_exclusive=0.0)

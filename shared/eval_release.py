@@ -41,6 +41,10 @@ class EvaluationPlan:
                 self.server_round < 0:
             raise PlanError("evaluation plan: delta, refit-l2 or server-round out of range")
 
+    # Its metrics lie in [0, 1] whatever the device's data, so its sensitivity (sqrt(3)) holds for the whole
+    # device: a user-level release too (shared/privacy/releases.py).
+    bounded_per_device = True
+
     def privacy_steps(self) -> list[HistoryEntry]:
         return [(self.noise_multiplier, 1.0, 1)] if self.dp else []
 

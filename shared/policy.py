@@ -22,7 +22,7 @@ from .privacy.accounting import HistoryEntry
 
 
 RULES = ("allow-no-dp", "max-delta", "min-noise-multiplier", "min-user-noise-multiplier", "max-sample-rate",
-         "max-steps", "min-aggregation-threshold")  # the names a refusal may carry
+         "max-steps", "min-aggregation-threshold", "allowed-modes")  # the names a refusal may carry
 
 
 class PolicyError(ValueError):
@@ -50,6 +50,10 @@ class PrivacyPolicy:
     min_aggregation_threshold: int = _rule(2, "distributed and user modes: the fewest devices' shares it accepts in "
                                               "a sum the server can decrypt (t, from the secure-aggregation "
                                               "parameters it enforces itself); its noise share is 1/t of the sum's")
+    allowed_modes: str = _rule("local,distributed,user", "the privacy modes whose plans it accepts: its budget is "
+                                                          "enforced at the mode's unit (user level in 'user'), so a "
+                                                          "device that wants its budget read at the record level "
+                                                          "only leaves 'user' out")
     max_subverted_epsilon: float = _rule(0.0, "a cap on its epsilon against a server that subverts secure "
                                               "aggregation (local noise share only): it declines a round past it "
                                               "(0 = no cap; the figure is always reported)")
@@ -60,7 +64,8 @@ class PrivacyPolicy:
                   "min_user_noise_multiplier": self.min_user_noise_multiplier >= 0,
                   "max_sample_rate": 0 < self.max_sample_rate <= 1, "max_steps": self.max_steps >= 1,
                   "min_aggregation_threshold": self.min_aggregation_threshold >= 1,
-                  "max_subverted_epsilon": self.max_subverted_epsilon >= 0}
+                  "max_subverted_epsilon": self.max_subverted_epsilon >= 0,
+                  "allowed_modes": bool(self.modes) and self.modes <= {"local", "distributed", "user"}}
         for name, ok in checks.items():
             value = getattr(self, name)
             if not ok or (isinstance(value, float) and not math.isfinite(value)):
@@ -79,6 +84,11 @@ class PrivacyPolicy:
         except PolicyError as err:
             raise PolicyError(f"{source}: {err}") from None
 
+    @property
+    def modes(self) -> set[str]:
+        """allowed-modes as a set (comma- or space-separated in the settings)."""
+        return set(self.allowed_modes.replace(",", " ").split())
+
     @classmethod
     def keys(cls) -> list[str]:
         return [_key(f.name) for f in dataclasses.fields(cls)]
@@ -95,6 +105,8 @@ class PrivacyPolicy:
         the device enforces in the protocol itself): no device data, no state."""
         if not plan.dp:
             return "" if self.allow_no_dp else "allow-no-dp"
+        if getattr(plan, "privacy", "local") not in self.modes:
+            return "allowed-modes"
         if getattr(plan, "privacy", "local") != "local" and t_min < self.min_aggregation_threshold:
             return "min-aggregation-threshold"
         if plan.delta > self.max_delta:
@@ -164,7 +176,12 @@ def _key(name: str) -> str:
 
 
 def _coerce(default: Any, key: str, value: Any, source: str) -> Any:
-    if isinstance(default, bool):
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return ",".join(value)
+    elif isinstance(default, bool):
         if isinstance(value, bool):
             return value
         if isinstance(value, str) and value.lower() in ("true", "false"):

@@ -49,8 +49,8 @@ _MAX_ID_LEN = 256
 _KEY_NAMES = ("c", "s")
 
 # Client stages, in order; "done" means the unmask request was answered.
-_KEYS, _SHARED, _MASKED, _DONE = "keys", "shared", "masked", "done"
-_STAGES = (_KEYS, _SHARED, _MASKED, _DONE)
+_KEYS, _SHARED, _RECEIVED, _MASKED, _DONE = "keys", "shared", "received", "masked", "done"
+_STAGES = (_KEYS, _SHARED, _RECEIVED, _MASKED, _DONE)
 
 PublicKeys = dict[str, bytes]
 
@@ -331,6 +331,10 @@ class ClientSession:
         t = self._params.threshold
         if len(u1) < t:
             raise SecAggError(f"|U1| = {len(u1)} is below threshold {t}")
+        if 2 * t <= len(u1):
+            # With t <= |U1| / 2 two disjoint groups of t could each reconstruct a different view (one node both
+            # alive and dead) without any device the server registered itself: Bonawitz et al. need t > n / 2.
+            raise SecAggError(f"threshold {t} is not above half of |U1| = {len(u1)}")
         order = sorted(u1)  # share index = 1 + position in sorted U1
         b = os.urandom(_KEY_LEN)
         assert self._c_sk is not None and self._s_sk is not None
@@ -350,11 +354,17 @@ class ClientSession:
 
     def mask(self, ciphertexts: dict[str, bytes], vector: np.ndarray) -> np.ndarray:
         """Decrypt the shares addressed to me (U2 = their senders and me) and mask `vector` against U2."""
-        self._require(_SHARED, "mask")
+        _check_vector(vector, self._params.vector_length, "input vector")
+        self.receive_shares(ciphertexts)
+        return self.mask_input(vector)
+
+    def receive_shares(self, ciphertexts: dict[str, bytes]) -> None:
+        """Check and decrypt the shares addressed to me; fix U2. Done before the input exists, so that a device
+        reads its data and trains only for a round whose shares it has verified, and only once."""
+        self._require(_SHARED, "receive_shares")
         assert self._u1 is not None and self._held is not None and self._b is not None
         assert self._c_sk is not None and self._s_sk is not None
         params = self._params
-        _check_vector(vector, params.vector_length, "input vector")
         if not isinstance(ciphertexts, dict):
             raise SecAggError("ciphertexts must map sender id to ciphertext")
         for sender in ciphertexts:
@@ -381,6 +391,14 @@ class ClientSession:
                 if _parse_share(share, sender)[0] != my_index:
                     raise SecAggError(f"share from {sender!r} carries the wrong index")
             held[sender] = {"s": s_share, "b": b_share}
+        self._u2, self._held, self._stage = u2, held, _RECEIVED
+
+    def mask_input(self, vector: np.ndarray) -> np.ndarray:
+        """Mask `vector` against U2 (after receive_shares), once."""
+        self._require(_RECEIVED, "mask")
+        assert self._u1 is not None and self._u2 is not None and self._b is not None and self._s_sk is not None
+        params, u2 = self._params, self._u2
+        _check_vector(vector, params.vector_length, "input vector")
         masked = vector.copy()
         masked += _prg(_self_mask_key(self._b, params.session_id), params.vector_length)
         for v in u2:
@@ -392,7 +410,7 @@ class ClientSession:
             else:
                 masked -= pair
         # b is shared and used; keeping it would only enlarge what a stolen state reveals.
-        self._u2, self._held, self._b, self._stage = u2, held, None, _MASKED
+        self._b, self._stage = None, _MASKED
         return masked
 
     def unmask(self, alive: list[str], dead: list[str]) -> dict[str, bytes]:
@@ -469,7 +487,7 @@ class ClientSession:
         cls._check_threshold(params, session._min_threshold)
         # Each stage needs exactly its secrets; a state missing them cannot be resumed.
         needs = {_KEYS: ("c_sk", "s_sk"), _SHARED: ("c_sk", "s_sk", "b", "u1", "held"),
-                 _MASKED: ("u1", "u2", "held"), _DONE: ()}[stage]
+                 _RECEIVED: ("s_sk", "b", "u1", "u2", "held"), _MASKED: ("u1", "u2", "held"), _DONE: ()}[stage]
         if any(getattr(session, "_" + name) is None for name in needs):
             raise SecAggError(f"client state for stage {stage!r} is incomplete")
         return session

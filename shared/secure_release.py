@@ -37,7 +37,9 @@ def update_vector(plan: LocalTrainingPlan, embedding_delta: np.ndarray, bias_del
     """The flattened update a device sums (user mode: clipped as a whole to S)."""
     parts = [np.asarray(embedding_delta, dtype=np.float64).ravel()]
     if plan.train_biases:
-        parts.append(np.asarray(bias_delta, dtype=np.float64).ravel())
+        # The biases train as raw parameters times bias-scale: the clipped step moves the raw ones, so those go on
+        # the grid (sensitivity lr x C); the server scales the decoded sum back (split_update).
+        parts.append(np.asarray(bias_delta, dtype=np.float64).ravel() / plan.bias_scale)
     vector = np.concatenate(parts)
     if plan.privacy == "user":
         norm = float(np.linalg.norm(vector))
@@ -50,5 +52,5 @@ def split_update(plan: LocalTrainingPlan, vector: np.ndarray, num_items: int,
                  dim: int) -> tuple[np.ndarray, np.ndarray]:
     """A decoded (summed) vector back to (embedding [n, d], bias [n]) deltas (bias zeros if biases do not train)."""
     embedding = vector[: num_items * dim].reshape(num_items, dim)
-    bias = vector[num_items * dim:] if plan.train_biases else np.zeros(num_items)
+    bias = vector[num_items * dim:] * plan.bias_scale if plan.train_biases else np.zeros(num_items)
     return embedding.astype(np.float64), np.asarray(bias, dtype=np.float64)

@@ -97,3 +97,18 @@ def test_one_node_level_draw_matches_per_device_draws_in_distribution():
     each = np.sum([mech.noise(rng) for _ in range(7)], axis=0)
     assert ks_2samp(once, each).pvalue > 1e-3
     assert np.var(once) == pytest.approx(7 * mech.share_variance, rel=0.05)
+
+
+def test_an_evaluation_release_is_also_user_level_and_a_popularity_report_is_not():
+    from fedrec.shared.eval_release import EvaluationPlan
+    from fedrec.shared.popularity import PopularityPlan
+    from fedrec.shared.privacy.releases import release_cost
+
+    evaluation = EvaluationPlan(server_round=1, dp=True, noise_multiplier=5.0, delta=1e-5, refit_l2=1.0)
+    assert release_cost(evaluation).user == [(5.0, 1.0, 1)]
+    report = PopularityPlan(server_round=0, dp=True, noise_multiplier=2.0, delta=1e-5)
+    assert release_cost(report).user is None  # sensitivity 1 per (device, item), not per device
+    user_report = PopularityPlan(server_round=0, dp=True, noise_multiplier=2.0, delta=1e-5, privacy="user")
+    cost = release_cost(user_report, t_min=10)
+    assert cost.user is not None and cost.user[0][0] > cost.user_subverted[0][0]
+    assert cost.record[0][0] == pytest.approx(cost.user[0][0] / 2)

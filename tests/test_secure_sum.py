@@ -35,10 +35,12 @@ class LoopbackGrid:
                                           state=RecordDict(), run_config={}) for k in range(DEVICES)}
         self.drop = drop
         self.received: dict[str, list[Message]] = {}
+        self.sent: list[Message] = []
 
     def send_and_receive(self, messages, timeout=None):
         replies = []
         for m in messages:
+            self.sent.append(m)
             stage, node = m.metadata.message_type.split("_")[-1], m.metadata.dst_node_id
             if self.drop(stage, node):
                 continue
@@ -181,3 +183,67 @@ def test_a_secure_mode_run_states_both_figures_and_its_audit_recomputes_them(tmp
     sums = [e["secure_sum"] for e in ledger if e.get("status") == "done" and e.get("kind") == "train"]
     assert sums and all(s["aggregation"] == aggregation and s["decrypted"] and s["shares"] >= s["t_min"]
                         for s in sums)
+
+
+def test_a_replayed_masked_request_neither_trains_nor_charges_again(config):
+    grid = LoopbackGrid(config)
+    secure_round(config, grid, t_min=6)
+    state = FileStateStore(f"{config.state_dir}/sim-0.json").load()
+    first = grid.received["masked"][0]
+    assert first.content[P.DEVICE][P.DEVICE_IDS] == ["sim-0"]
+    request = next(m for m in grid.sent if m.metadata.message_type.endswith("masked") and m.metadata.dst_node_id == 100)
+    reply = grid.client(message(request.content, dst=100, message_type=request.metadata.message_type),
+                        grid.contexts[100])
+    assert reply.has_error() and reply.error.reason == "secure-aggregation"
+    again = FileStateStore(f"{config.state_dir}/sim-0.json").load()
+    assert (again.rounds, again.history) == (state.rounds, state.history)
+
+
+def test_a_deployed_style_node_refuses_a_secure_plan_outside_the_protocol(config):
+    """Only the cohort engine models sums; a node that is one device never sends its vector outside the protocol
+    (it would carry only its own noise share, with a threshold the server chose)."""
+    device_engine = config.replace(simulation_engine="device")
+    grid = LoopbackGrid(device_engine)
+    t = tables(num_items=config.synthetic_items, dim=config.embedding_dim)
+    from flwr.app import ConfigRecord
+
+    content = RecordDict({P.TABLES: arrays_record(P.tables_to_arrays(t)),
+                          P.PLAN: ConfigRecord(plan(privacy="distributed", num_negatives=4).to_config()),
+                          P.COHORT: ConfigRecord({P.DEVICE_IDS: ["sim-1"], P.NONCE: 0, P.THRESHOLD: 10**9})})
+    reply = grid.client(message(content, dst=101, message_type="train"), grid.contexts[101])
+    assert reply.has_error() and reply.error.reason == "bad-message"
+    assert FileStateStore(f"{config.state_dir}/sim-1.json").load() is None  # nothing trained, nothing charged
+
+
+def test_a_device_refuses_a_mode_its_policy_leaves_out(config):
+    strict = config.replace(device_policy="allowed-modes=local,distributed")
+    grid = LoopbackGrid(strict)
+    p = plan(privacy="user", update_clip=0.5, noise_multiplier=1.0, num_negatives=4, user_noise_multiplier=0.0)
+    t = tables(num_items=config.synthetic_items, dim=config.embedding_dim)
+    mechanism = training_mechanism(p, t.num_items, t.dim, 6)
+    asked = {100 + k: [f"sim-{k}"] for k in range(DEVICES)}
+    replies, total, _ = run_secure_sum(grid, strict, 1, "train", {P.TABLES: arrays_record(P.tables_to_arrays(t)),
+                                                                  P.PLAN: P_config(p)}, asked, mechanism, nonce=0,
+                                       message_type="train", epsilon_budget=strict.epsilon_budget)
+    assert total is None and set(replies.refused.values()) == {"allowed-modes"}
+
+
+def test_a_threshold_at_or_below_half_the_participants_is_refused_by_each_device():
+    from fedrec.shared.secagg import ClientSession, SecAggError, SessionParams
+
+    params = SessionParams(session_id=b"x" * 16, threshold=3, vector_length=4)
+    sessions = [ClientSession.start(params, f"d{k}") for k in range(6)]
+    keys = {f"d{k}": pub for k, (_, pub) in enumerate(sessions)}
+    with pytest.raises(SecAggError, match="half"):
+        sessions[0][0].share_keys(keys)
+
+
+def test_bias_updates_go_on_the_grid_unscaled_so_the_sensitivity_holds_at_any_bias_scale():
+    from fedrec.shared.secure_release import split_update, update_vector
+
+    p = plan(privacy="distributed", bias_scale=1000.0, train_biases=True)
+    emb, bias = np.ones((5, 4)) * 0.01, np.ones(5) * 10.0  # a raw step of 0.01 shows as 10 in the biases
+    vector = update_vector(p, emb, bias)
+    assert np.allclose(vector[20:], 0.01)
+    back_emb, back_bias = split_update(p, vector, 5, 4)
+    assert np.allclose(back_emb, emb) and np.allclose(back_bias, bias)

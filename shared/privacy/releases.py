@@ -36,7 +36,10 @@ def release_cost(plan: object, t_min: int = 0) -> ReleaseCost:
     mode = getattr(plan, "privacy", "local")
     steps = list(plan.privacy_steps())  # type: ignore[attr-defined]
     if mode == "local":
-        return ReleaseCost(steps, steps, None, None)
+        # A release whose value is bounded whatever the device's data (an evaluation release: metrics in [0, 1])
+        # has the same sensitivity for the whole device: it is a user-level release too.
+        user = steps if getattr(plan, "bounded_per_device", False) else None
+        return ReleaseCost(steps, steps, user, user)
     if t_min < 1:
         raise ValueError(f"a {mode} plan releases into a secure sum: t_min must be >= 1, got {t_min}")
     sigma = float(plan.noise_multiplier)  # type: ignore[attr-defined]
