@@ -48,6 +48,25 @@ def test_deploy_local_runs_a_federation_of_supernodes_and_stops_them(tmp_path, c
     assert sorted(p.name for p in (out / "data" / "devices").iterdir()) == ["0.csv", "1.csv", "2.csv"]
 
 
+def test_deploy_local_runs_real_secure_aggregation_in_the_distributed_mode(tmp_path):
+    """One SuperNode per device, TLS, authentication: every sum (popularity and each round) is decrypted from masked
+    vectors only, and the audit recomputes both figures from the ledger."""
+    from fedrec.server.audit import audit_run
+
+    out = tmp_path / "deploy"
+    summary = deploy_local(RunConfig(devices=3, rounds=1, devices_per_round=3, privacy="distributed", **TINY), out)
+    privacy = summary["privacy"]
+    assert (privacy["mode"], privacy["secure_aggregation"]) == ("distributed", "real")
+    assert 0 < privacy["record_level"]["epsilon_max"] <= 8.0 < privacy["record_level"]["epsilon_max_subverted"]
+    ledger = [json.loads(line) for line in (out / "run" / "ledger.jsonl").read_text().splitlines()]
+    done = [entry for entry in ledger if entry["status"] == "done"]
+    assert [(e["kind"], e["round"]) for e in done] == [("popularity", 0), ("train", 1)]
+    assert all(e["secure_sum"] == {"aggregation": "real", "decrypted": True, "shares": 3, "t_min": 3} for e in done)
+    assert audit_run(out / "run")["verdict"] == "pass"
+    time.sleep(1)
+    assert processes_mentioning(str(out)) == []
+
+
 def test_a_supernode_without_a_registered_key_is_refused(tmp_path):
     with LocalDeployment(tmp_path / "deploy") as deployment:
         deployment.start_superlink()
