@@ -51,8 +51,10 @@ from .core import (
     ItemModelServer,
     ServerRandomness,
     noise_multiplier_for,
+    popularity_groups,
     popularity_plan,
     round_plan,
+    secure_threshold,
     sample_devices,
     update_bound,
 )
@@ -121,8 +123,9 @@ class Federation:
         cfg = self.config
         self.registry.wait_for(self.expected_devices, timeout=cfg.node_wait_timeout)
         self._restore_or_start()
-        log.info("federation: %d devices, rounds %d..%d, %d per round, dp=%s sigma=%.4f", len(self.registry.node_of),
-                 self.first_round, cfg.rounds, cfg.devices_per_round, cfg.dp, self.noise_multiplier)
+        log.info("federation: %d devices, rounds %d..%d, %d per round, privacy=%s sigma=%.4f server lr %.3g",
+                 len(self.registry.node_of), self.first_round, cfg.rounds, cfg.devices_per_round, cfg.privacy,
+                 self.noise_multiplier, self.model.optimizer.lr)
         if not self.restored and popularity_plan(cfg) is not None:  # once per run: never again after a resume
             self._popularity_round()
         last = cfg.rounds
@@ -165,9 +168,11 @@ class Federation:
             self.noise_multiplier = checkpoint.noise_multiplier
             self.first_round = checkpoint.server_round + 1
             self.restored = True
+            self.model.follow_noise(self.noise_multiplier, len(self.registry.node_of))
             log.info("resuming after round %d from %s", checkpoint.server_round, self.records.path)
             return
         self.noise_multiplier = noise_multiplier_for(self.config, len(self.registry.node_of))
+        self.model.follow_noise(self.noise_multiplier, len(self.registry.node_of))
 
     def _popularity_round(self) -> None:
         """Round 0: ask every device for its noisy item indicator; the sum becomes the item biases."""
@@ -195,17 +200,7 @@ class Federation:
     def _secure_popularity_round(self, plan: PopularityPlan, asked: Asked, started: float) -> None:
         """Round 0 in the distributed and user modes: secure sums of the indicators, in groups of at most
         devices-per-round devices (each group one sum, decrypted only with at least t of its devices)."""
-        nodes = sorted(asked, key=lambda n: asked[n][0])
-        size = max(1, self.config.devices_per_round)
-        groups, current, count = [], {}, 0
-        for node in nodes:
-            current[node] = asked[node]
-            count += len(asked[node])
-            if count >= size:
-                groups.append(current)
-                current, count = {}, 0
-        if current:
-            groups.append(current)
+        groups = popularity_groups(asked, self.config.devices_per_round)
         total, reports, variance = np.zeros(self.num_items), 0, 0.0
         for group in groups:
             t_min = secure_threshold(self.config, group)
@@ -411,13 +406,6 @@ def secure_aggregation_kind(config: RunConfig, *, simulated: bool) -> str:
     if config.privacy not in SECURE_MODES:
         return "none"
     return "modelled" if simulated and config.simulation_engine == "cohort" else "real"
-
-
-def secure_threshold(config: RunConfig, asked: Asked) -> int:
-    """t of a secure sum over the devices asked: ceil(aggregation-threshold x count), at least 2 where possible
-    (a sum of one device is that device's update)."""
-    count = sum(len(devices) for devices in asked.values())
-    return max(min(2, count), math.ceil(config.aggregation_threshold * count - 1e-9))
 
 
 def evaluation_plan(config: RunConfig, server_round: int) -> EvaluationPlan:

@@ -107,15 +107,17 @@ def load(run_dir: str | Path) -> Result:
 
 
 def report(config: RunConfig | Mapping[str, Any] | None = None, *, out: str | Path,
-           epsilons: Iterable[float] = (1.0, 2.0, 4.0, 8.0), title: str = "", **settings: Any) -> Report:
+           epsilons: Iterable[float] = (1.0, 2.0, 4.0, 8.0), title: str = "", modes: Iterable[str] | None = None,
+           **settings: Any) -> Report:
     """Privacy-utility report on one split: baselines, central DP-SGD and federated runs with and without DP
-    at each per-device epsilon; writes report.md/csv/json/png to `out` (`fedrec report`)."""
+    at each per-device epsilon (a row group per privacy mode in `modes`, e.g. ("local", "distributed")); writes
+    report.md/csv/json/png to `out` (`fedrec report`)."""
     import pandas as pd
 
     from .privacy_utility import make_report
 
     paths = make_report(run_config(config, **settings), epsilons=[float(e) for e in epsilons], out=Path(out),
-                        title=title)
+                        title=title, modes=list(modes) if modes is not None else None)
     written = json.loads(paths[2].read_text(encoding="utf-8"))
     rows = pd.DataFrame.from_records([{**{k: v for k, v in row.items() if k != "metrics"}, **row["metrics"]}
                                       for row in written["rows"]])

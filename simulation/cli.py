@@ -169,11 +169,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     mapping = {"dataset": args.dataset, "data-path": args.data_path or "", **parse_run_config(args.run_config or []),
                **data_overrides(args)}
     for attr, key in (("rounds", "rounds"), ("devices", "devices"), ("devices_per_round", "devices-per-round"),
-                      ("seed", "seed"), ("privacy", "privacy")):
+                      ("seed", "seed")):
         if getattr(args, attr) is not None:
             mapping[key] = getattr(args, attr)
     epsilons = [float(e) for e in args.epsilons.split(",") if e.strip()]
-    print(report(mapping, out=args.out, epsilons=epsilons, title=args.title or "").markdown)
+    modes = [m.strip() for m in args.privacy.split(",") if m.strip()]
+    unknown = sorted(set(modes) - {"local", "distributed", "user"})
+    if unknown or not modes:
+        raise ConfigError(f"--privacy {args.privacy!r}: expected a comma-separated list of local, distributed, user")
+    print(report(mapping, out=args.out, epsilons=epsilons, title=args.title or "", modes=modes).markdown)
     return 0
 
 
@@ -264,8 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--devices-per-round", type=int, help=help_of["devices-per-round"])
     report.add_argument("--seed", type=int, help=help_of["seed"])
     report.add_argument("--title", help="title of the report (default: the data set's name)")
-    report.add_argument("--privacy", choices=("local", "distributed", "user"),
-                        help="the mode of the report's federated DP runs (default local)")
+    report.add_argument("--privacy", default="local",
+                        help="privacy modes of the federated + DP rows, comma-separated (a row group per mode), "
+                             "e.g. local,distributed,user")
     report.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS", help="more settings")
     add_data_flags(report)
     report.set_defaults(func=cmd_report)

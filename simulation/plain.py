@@ -26,16 +26,23 @@ from fedrec.server.core import (
     ServerRandomness,
     initial_tables,
     noise_multiplier_for,
+    popularity_groups,
     popularity_plan,
     round_plan,
     sample_devices,
+    secure_threshold,
     update_bound,
 )
 from fedrec.shared import protocol as P
 from fedrec.shared.aggregation import PartialSum
-from fedrec.shared.config import RunConfig
+from fedrec.shared.config import SECURE_MODES, RunConfig
+from fedrec.shared.distributed_dp import GridSum, SumMechanism
+from fedrec.shared.plans import LocalTrainingPlan
+from fedrec.shared.popularity import PopularityPlan
+from fedrec.shared.secure_release import popularity_mechanism, split_update, training_mechanism
 from fedrec.shared.data.population import Population, open_population
-from fedrec.shared.device import Device, DeviceSettings, TrainOutcome, report_popularity_sum, train_devices
+from fedrec.shared.device import (Device, DeviceSettings, TrainOutcome, report_popularity_sum, share_seed,
+                                  train_devices)
 from fedrec.shared.model import ItemTables
 from fedrec.shared.policy import simulated_policy
 from fedrec.shared.state import MemoryStateStore
@@ -87,8 +94,12 @@ def run_plain(config: RunConfig, *, engine: str | None = None, population: Popul
     randomness = ServerRandomness.seeded(config.seed)  # a simulation: reproducible, as a fresh Flower run (attempt 0)
     server = ItemModelServer(config, initial_tables(config, population.catalogue()))
     result = PlainResult(tables=server.tables, noise_multiplier=noise_multiplier_for(config, len(devices)))
+    server.follow_noise(result.noise_multiplier, len(devices))
     prior = popularity_plan(config)
-    if prior is not None:
+    secure = config.privacy in SECURE_MODES
+    if prior is not None and secure:
+        _secure_popularity(config, prior, devices, nodes, server, result, population.num_items)
+    elif prior is not None:
         parts = []
         for group in _by_node(sorted(devices), devices, nodes):
             outcomes, counts = report_popularity_sum([devices[d] for d in group], prior, population.num_items)
@@ -101,6 +112,13 @@ def run_plain(config: RunConfig, *, engine: str | None = None, population: Popul
         chosen = sample_devices(devices, config.devices_per_round, rng=randomness.for_round(server_round, 0, TRAIN_SALT),
                                 poisson=config.device_sampling == "poisson")
         plan = round_plan(config, server_round, result.noise_multiplier)
+        if secure:  # the server sees sums only: nothing per device to observe
+            trained = _secure_round(config, plan, chosen, devices, nodes, server, result)
+            if observe is not None:
+                observe(server_round, {})
+            result.round_seconds.append(time.perf_counter() - started)
+            result.round_trained.append(trained)
+            continue
         total = PartialSum.zeros(population.num_items, config.embedding_dim)
         bound = update_bound(config, plan, population.num_items, config.embedding_dim)
         seen: dict = {}
@@ -125,6 +143,59 @@ def run_plain(config: RunConfig, *, engine: str | None = None, population: Popul
         log.debug("plain round %d: %d trained in %.2fs", server_round, total.count, result.round_seconds[-1])
     result.tables = server.serving_tables()
     return result
+
+
+def _modelled_sum(groups: list[list[str]], devices: dict[str, Device], mechanism: SumMechanism, server_round: int,
+                  run: Callable[[list[Device], GridSum], list[TrainOutcome]],
+                  result: PlainResult) -> tuple[np.ndarray | None, int]:
+    """A modelled secure sum as the cohort engine's nodes and the server make it: each node's grid sum plus its
+    devices' noise shares (seeded as the ClientApp seeds them), added up; None if fewer than t shares."""
+    total, shares = np.zeros(mechanism.dimension, dtype=np.int64), 0
+    for group in groups:
+        members = [devices[d] for d in group]
+        grid = GridSum.zeros(mechanism)
+        outcomes = run(members, grid)
+        for device, outcome in zip(group, outcomes):
+            result.epsilon[device] = outcome.epsilon
+            if outcome.declined:
+                result.declined.add(device)
+        if grid.count:
+            total += grid.noised(np.random.default_rng(share_seed(members, server_round, 0)))
+            shares += grid.count
+    return (mechanism.decode(total) if shares >= mechanism.t_min else None), shares
+
+
+def _secure_popularity(config: RunConfig, prior: PopularityPlan, devices: dict[str, Device], nodes: int,
+                       server: ItemModelServer, result: PlainResult, num_items: int) -> None:
+    asked = {k: group for k, group in enumerate(_by_node(sorted(devices), devices, nodes))}
+    total, reports, variance = np.zeros(num_items), 0, 0.0
+    for group in popularity_groups(asked, config.devices_per_round):
+        mechanism = popularity_mechanism(prior, num_items, secure_threshold(config, group))
+        decoded, shares = _modelled_sum(
+            list(group.values()), devices, mechanism, prior.server_round,
+            lambda members, grid: report_popularity_sum(members, prior, num_items, secure=grid,
+                                                        t_min=mechanism.t_min)[0], result)
+        if decoded is not None:
+            total, reports = total + decoded, reports + shares
+            variance += mechanism.sum_noise_std(shares) ** 2
+    if reports:
+        server.set_popularity_from_sum(total, reports=reports, noise_std=float(np.sqrt(variance)))
+
+
+def _secure_round(config: RunConfig, plan: LocalTrainingPlan, chosen: list[str], devices: dict[str, Device],
+                  nodes: int, server: ItemModelServer, result: PlainResult) -> int:
+    groups = _by_node(chosen, devices, nodes)
+    t_min = secure_threshold(config, dict(enumerate(groups)))
+    tables = server.tables
+    mechanism = training_mechanism(plan, tables.num_items, tables.dim, t_min)
+    decoded, shares = _modelled_sum(groups, devices, mechanism, plan.server_round,
+                                    lambda members, grid: train_devices(members, plan, tables, secure=grid,
+                                                                        t_min=t_min), result)
+    if decoded is not None:
+        embedding, bias = split_update(plan, decoded, tables.num_items, tables.dim)
+        server.apply_sum(embedding, bias, shares=shares, noise_std=mechanism.sum_noise_std(shares),
+                         population=len(devices))
+    return shares
 
 
 def _collect(chosen: list[str], outcomes: list[TrainOutcome], result: PlainResult) -> dict:

@@ -51,9 +51,12 @@ class Row:
     epsilon_median: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    mode: str = ""  # federated + DP rows: the privacy mode (local | distributed | user)
 
 
-def run_report(config: RunConfig, *, epsilons: list[float], out: Path) -> list[Row]:
+def run_report(config: RunConfig, *, epsilons: list[float], out: Path, modes: list[str] | None = None) -> list[Row]:
+    """Every row on one split; `modes`: a row group of federated + DP runs per privacy mode (default: the
+    config's own mode, 'local' when it has none)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     config = prepare_run_data(config, out)
@@ -88,10 +91,13 @@ def run_report(config: RunConfig, *, epsilons: list[float], out: Path) -> list[R
     for eps in epsilons:
         timed(Row(f"central DP-SGD MF, eps {eps:g}", "central-dp", epsilon_target=eps, epsilon_max=eps),
               lambda eps=eps: central(CentralDP(epsilon=eps, delta=config.delta)))
-    runs = [(None, config.without_dp())] + [(eps, config.replace(epsilon_budget=eps)) for eps in epsilons]
-    for eps, run_config in runs:
-        row = Row("federated (no DP)" if eps is None else f"federated + DP, eps {eps:g}",
-                  "federated" if eps is None else "federated-dp", epsilon_target=eps)
+    modes = modes or [config.privacy if config.privacy != "none" else "local"]
+    runs = [(None, "", config.without_dp())] + [(eps, mode, config.replace(privacy=mode, epsilon_budget=eps))
+                                                for mode in modes for eps in epsilons]
+    for eps, mode, run_config in runs:
+        label = f"federated + DP ({mode})" if len(modes) > 1 or mode != "local" else "federated + DP"
+        row = Row("federated (no DP)" if eps is None else f"{label}, eps {eps:g}",
+                  "federated" if eps is None else "federated-dp", epsilon_target=eps, mode=mode)
 
         def federated(run_config: RunConfig = run_config, row: Row = row) -> dict[str, float]:
             result = run_plain(run_config, engine="device", population=population)
@@ -105,10 +111,11 @@ def run_report(config: RunConfig, *, epsilons: list[float], out: Path) -> list[R
     return rows
 
 
-def make_report(config: RunConfig, *, epsilons: list[float], out: Path, title: str = "") -> list[Path]:
+def make_report(config: RunConfig, *, epsilons: list[float], out: Path, title: str = "",
+                modes: list[str] | None = None) -> list[Path]:
     """Run every row (run_report) and write report.md/csv/json/png under `out`; returns their paths."""
     started = time.perf_counter()
-    rows = run_report(config, epsilons=epsilons, out=out)
+    rows = run_report(config, epsilons=epsilons, out=out, modes=modes)
     prepared = prepare_run_data(config, Path(out))  # already prepared by run_report: only names the folder
     population = open_population(prepared)
     meta = {"dataset": config.dataset, "data_path": config.data_path, "devices": population.num_devices,
@@ -124,9 +131,10 @@ def write_report(rows: list[Row], out: Path, *, title: str, meta: dict[str, Any]
     columns = [c for c in COLUMNS if any(c in r.metrics for r in rows)]
     with open(paths[1], "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["model", "kind", "epsilon_target", "epsilon_max", "epsilon_median", *columns, "seconds"])
+        writer.writerow(["model", "kind", "mode", "epsilon_target", "epsilon_max", "epsilon_median", *columns,
+                         "seconds"])
         for r in rows:
-            writer.writerow([r.model, r.kind, r.epsilon_target, r.epsilon_max, r.epsilon_median,
+            writer.writerow([r.model, r.kind, r.mode, r.epsilon_target, r.epsilon_max, r.epsilon_median,
                              *[r.metrics.get(c) for c in columns], r.seconds])
     paths[2].write_text(dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n", encoding="utf-8")
     _plot(rows, paths[3], title)
@@ -141,7 +149,10 @@ def write_report(rows: list[Row], out: Path, *, title: str, meta: dict[str, Any]
                                                   f"{r.epsilon_max:.2f} / {r.epsilon_median:.2f}")
         values = " | ".join(f"{r.metrics[c]:.4f}" if c in r.metrics else "-" for c in columns)
         lines.append(f"| {r.model} | {eps} | {values} | {r.seconds:.0f} s |")
-    lines += ["", "Central DP-SGD rows: record-level DP over the pooled data (one interaction = one record, the "
+    lines += ["", "Federated + DP modes: local (every device adds the full noise; trusts no one), distributed (record "
+              "level, noise added once to a secure sum: holds against a server that follows the secure-aggregation "
+              "protocol), user (user level on the same secure sums; epsilon per device, not per interaction).",
+              "", "Central DP-SGD rows: record-level DP over the pooled data (one interaction = one record, the "
               "devices' unit); a trusted curator would be needed to run them. Diversity: mean pairwise "
               "category distance (1 - Jaccard) within each top-10 list.", "", "![HR and NDCG against epsilon](report.png)"]
     paths[0].write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -158,9 +169,11 @@ def _plot(rows: list[Row], path: Path, title: str) -> None:
     styles = {"popularity": ("#777777", ":"), "random": ("#bbbbbb", ":"), "central MF (no DP)": ("#228833", "--"),
               "federated (no DP)": ("#4477aa", "--")}
     for ax, metric in zip(axes, ("hr@10", "ndcg@10")):
-        for kind, color, label in (("federated-dp", "#4477aa", "federated + DP"),
-                                   ("central-dp", "#228833", "central DP-SGD")):
-            points = sorted((r.epsilon_target, r.metrics[metric]) for r in rows if r.kind == kind)
+        colors = {"local": "#4477aa", "distributed": "#ee6677", "user": "#aa3377"}
+        groups = [("federated-dp", mode, colors.get(mode, "#4477aa"), f"federated + DP ({mode})")
+                  for mode in dict.fromkeys(r.mode for r in rows if r.kind == "federated-dp")]
+        for kind, mode, color, label in [*groups, ("central-dp", "", "#228833", "central DP-SGD")]:
+            points = sorted((r.epsilon_target, r.metrics[metric]) for r in rows if r.kind == kind and r.mode == mode)
             if points:
                 ax.plot(*zip(*points), marker="o", color=color, label=label)
         for r in rows:
@@ -168,7 +181,7 @@ def _plot(rows: list[Row], path: Path, title: str) -> None:
                 color, style = styles[r.model]
                 ax.axhline(r.metrics[metric], color=color, linestyle=style, label=r.model)
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="epsilon per device (record level)", ylabel=metric.upper(), title=f"{title}: {metric}")
+        ax.set(xlabel="epsilon per device (record level; user level in 'user' mode)", ylabel=metric.upper(), title=f"{title}: {metric}")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.tight_layout()

@@ -11,12 +11,15 @@ from fedrec.simulation.cli import main as fedrec
 def test_report_writes_every_row_and_file(tmp_path, capsys):
     out = tmp_path / "report"
     code = fedrec(["report", "--out", str(out), "--devices", "40", "--rounds", "3", "--devices-per-round", "20",
-                   "--epsilons", "4,8", "--run-config", "synthetic-items=80 synthetic-topics=5 embedding-dim=4"])
+                   "--epsilons", "4,8", "--privacy", "local,distributed",
+                   "--run-config", "synthetic-items=80 synthetic-topics=5 embedding-dim=4"])
     assert code == 0
     rows = list(csv.DictReader(open(out / "report.csv")))
     assert [r["model"] for r in rows] == ["random", "popularity", "central MF (no DP)", "central DP-SGD MF, eps 4",
-                                          "central DP-SGD MF, eps 8", "federated (no DP)", "federated + DP, eps 4",
-                                          "federated + DP, eps 8"]
+                                          "central DP-SGD MF, eps 8", "federated (no DP)",
+                                          "federated + DP (local), eps 4", "federated + DP (local), eps 8",
+                                          "federated + DP (distributed), eps 4", "federated + DP (distributed), eps 8"]
+    assert [r["mode"] for r in rows if r["kind"] == "federated-dp"] == ["local", "local", "distributed", "distributed"]
     for row in rows:
         assert 0.0 <= float(row["hr@10"]) <= 1.0 and row["diversity@10"] != ""
     federated = [r for r in rows if r["kind"] == "federated-dp"]
@@ -24,4 +27,4 @@ def test_report_writes_every_row_and_file(tmp_path, capsys):
     meta = json.loads((out / "report.json").read_text())["meta"]
     assert meta["devices"] == 40 and meta["epsilons"] == [4.0, 8.0]
     assert (out / "report.png").stat().st_size > 10_000
-    assert "| federated + DP, eps 8 |" in capsys.readouterr().out
+    assert "| federated + DP (distributed), eps 8 |" in capsys.readouterr().out

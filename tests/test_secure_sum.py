@@ -169,7 +169,7 @@ def test_a_secure_mode_run_states_both_figures_and_its_audit_recomputes_them(tmp
         monkeypatch.setattr(TaskIdentity, attr, None)
     config = RunConfig(devices=8, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=12, embedding_dim=4,
                        num_negatives=4, rounds=2, devices_per_round=6, privacy=mode, simulation_engine=engine,
-                       baselines=False, out_dir=str(tmp_path / "run"))
+                       baselines=False, simulation_shards=2, out_dir=str(tmp_path / "run"))
     summary = simulate(config)
     privacy = summary["privacy"]
     assert (privacy["mode"], privacy["secure_aggregation"]) == (mode, aggregation)
@@ -183,6 +183,16 @@ def test_a_secure_mode_run_states_both_figures_and_its_audit_recomputes_them(tmp
     sums = [e["secure_sum"] for e in ledger if e.get("status") == "done" and e.get("kind") == "train"]
     assert sums and all(s["aggregation"] == aggregation and s["decrypted"] and s["shares"] >= s["t_min"]
                         for s in sums)
+    if engine == "cohort":  # the plain loop (report, attacks) models the same sums: the same model comes out
+        from fedrec.server.core import shrink_embeddings
+        from fedrec.server.records import RunRecords
+        from fedrec.simulation.plain import run_plain
+
+        plain = run_plain(config.replace(out_dir=""))
+        checkpoint = RunRecords(tmp_path / "run").load_checkpoint()
+        flower = shrink_embeddings(checkpoint.tables, checkpoint.noise_variance)
+        np.testing.assert_allclose(plain.tables.embedding, flower.embedding, rtol=0, atol=1e-6)
+        np.testing.assert_allclose(plain.tables.bias, flower.bias, rtol=0, atol=1e-6)
 
 
 def test_a_replayed_masked_request_neither_trains_nor_charges_again(config):
