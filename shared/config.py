@@ -12,7 +12,7 @@ from typing import Any
 
 AUTO = "auto"
 AUTO_SERVER_LR_DP, AUTO_SERVER_LR_NO_DP = 0.1, 3.0  # measured on the synthetic default (see README, Results)
-AUTO_SERVER_LR_SECURE = 3.0  # distributed/user: the ceiling of the rate that follows the sum's noise (server/core.py)
+AUTO_SERVER_LR_SECURE = 1.5  # distributed/user: the ceiling of the rate that follows the sum's noise (server/core.py)
 USER_LEVEL_CLIP = 0.5  # privacy='user': the whole item update's L2 bound S when delta-clip-norm is auto
 PRIVACY_MODES = ("local", "distributed", "user", "none")
 SECURE_MODES = ("distributed", "user")  # the modes whose noise is shared out over a secure sum
@@ -128,7 +128,7 @@ class RunConfig:
     server_optimizer: str = _opt("fedavg", "how the server applies the mean item delta: fedavg | fedadam",
                                  choices=("fedavg", "fedadam"))
     server_lr: float | str = _opt(AUTO, "server learning rate on the mean item delta, or 'auto': 0.1 with local DP "
-                                        "(the noise grows with it), 3.0 without; distributed/user: up to 3.0, lower "
+                                        "(the noise grows with it), 3.0 without; distributed/user: up to 1.5, lower "
                                         "as the sum's noise grows", auto_ok=True, min_exclusive=0.0)
     delta_clip_norm: float | str = _opt(AUTO, "clip each device's whole update (item embeddings and biases) to this L2 "
                                               "norm before it is summed, bounding any one device's influence; 'auto': "
