@@ -146,13 +146,25 @@ def privacy_lines(summary: dict[str, Any]) -> list[str]:
     """Which guarantees hold, one line each, and 'none' only where none does."""
     privacy, lines = summary["privacy"], []
     priv = privacy["record_level"]
-    if summary["dp"] and priv["epsilon_max"] is not None:
-        lines.append(f"record-level DP per device: epsilon max {priv['epsilon_max']:.3f}, median "
-                     f"{priv['epsilon_median']:.3f} (budget {priv['budget']}, delta {priv['delta']:g}); "
-                     f"sigma {priv['noise_multiplier']:.3f}; {priv['devices_declined']} devices declined a round")
+    mode = privacy.get("mode", "local")
+    secure = mode in ("distributed", "user")
+    figures = privacy["user_level"] if mode == "user" else priv
+    unit = "user-level" if mode == "user" else "record-level"
+    if secure:
+        lines.append(f"privacy mode {mode}, secure aggregation {privacy['secure_aggregation']}: "
+                     f"{privacy['trust_model']}")
+    if summary["dp"] and figures.get("epsilon_max") is not None:
+        line = (f"{unit} DP per device: epsilon max {figures['epsilon_max']:.3f}, median "
+                f"{figures['epsilon_median']:.3f} (budget {figures['budget']}, delta {priv['delta']:g}); "
+                f"sigma {figures['noise_multiplier']:.3f}; {priv['devices_declined']} devices declined a round")
+        if secure:
+            subverted = figures.get("epsilon_max_subverted")
+            line += ("; against subverted aggregation epsilon max "
+                     f"{'unbounded' if subverted is None else format(subverted, '.3f')}")
+        lines.append(line)
     elif summary["dp"]:
-        lines.append(f"record-level DP per device: not bounded ({priv.get('note', 'a device released without DP')})")
-    user = privacy.get("user_level")
+        lines.append(f"{unit} DP per device: not bounded ({priv.get('note', 'a device released without DP')})")
+    user = privacy.get("user_level") if not secure else None
     if user is not None:
         eps = user["epsilon"]
         lines.append(f"user-level DP (trusted server adds the noise): epsilon "
