@@ -325,7 +325,7 @@ def shrink_embeddings(tables: ItemTables, noise_variance: float) -> ItemTables:
 
 def popularity_groups(asked: dict[int, list[str]], size: int) -> list[dict[int, list[str]]]:
     """The nodes of a secure popularity round cut into sums of at least `size` devices (nodes whole, in order of
-    their first device; the last group takes what is left)."""
+    their first device); a remainder under size / 2 joins the last sum, a larger one is a sum of its own."""
     groups: list[dict[int, list[str]]] = []
     current: dict[int, list[str]] = {}
     count = 0
@@ -335,7 +335,9 @@ def popularity_groups(asked: dict[int, list[str]], size: int) -> list[dict[int, 
         if count >= max(1, size):
             groups.append(current)
             current, count = {}, 0
-    if current:
+    if current and groups and count < max(1, size) / 2:
+        groups[-1].update(current)  # a small remainder joins the last sum rather than forming a weak one
+    elif current:
         groups.append(current)
     return groups
 

@@ -257,3 +257,14 @@ def test_bias_updates_go_on_the_grid_unscaled_so_the_sensitivity_holds_at_any_bi
     assert np.allclose(vector[20:], 0.01)
     back_emb, back_bias = split_update(p, vector, 5, 4)
     assert np.allclose(back_emb, emb) and np.allclose(back_bias, bias)
+
+
+def test_popularity_sums_hold_at_least_half_a_round_of_devices():
+    from fedrec.server.core import popularity_groups
+
+    def sizes(asked):
+        return [sum(len(v) for v in group.values()) for group in popularity_groups(asked, 100)]
+
+    assert sizes({k: [f"d{k}"] for k in range(230)}) == [100, 130]  # a remainder of 30 joins the last sum
+    assert sizes({k: [f"d{k}"] for k in range(260)}) == [100, 100, 60]
+    assert sizes({0: [f"a{k}" for k in range(305)], 1: [f"b{k}" for k in range(305)]}) == [305, 305]  # nodes whole
