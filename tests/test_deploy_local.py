@@ -173,3 +173,53 @@ def test_the_superlink_killed_mid_round_resumes_from_its_checkpoint_and_the_audi
     reported = [row["reported"] for row in audit["per_device"].values() if row["reported"] is not None]
     assert max(reported) <= config.epsilon_budget
     assert processes_mentioning(str(out)) == []
+
+
+def test_a_secure_round_missing_a_supernode_aborts_before_training_and_charges_nobody(tmp_path):
+    """Distributed mode, t = 3 of 3: device 2's SuperNode is killed after round 1, so round 2's secure sum cannot be
+    decrypted; it is aborted at the key stage, before anyone trains (the others' epsilon does not move). Once the
+    server stops asking the dead node, a later round's sum is decrypted again (rejoining is the local-mode test's)."""
+    import signal
+    import threading
+
+    from fedrec.server.audit import audit_run
+    from fedrec.simulation.deploy import deployment_data, server_run_config, start_devices
+
+    out = (tmp_path / "deploy").resolve()
+    config = RunConfig(devices=3, rounds=4, devices_per_round=3, round_timeout=30.0, epsilon_budget=30.0,
+                       privacy="distributed", **{**TINY, "eval_every": 5})
+    data = deployment_data(config, out)
+    ledger = out / "run" / "ledger.jsonl"
+
+    def rounds_done() -> list[dict]:
+        lines = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
+        return [e for e in lines if e["status"] == "done"]
+
+    def wait_for_round(server_round: int, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not any(e["round"] == server_round for e in rounds_done()):
+            assert time.monotonic() < deadline, f"round {server_round} did not finish"
+            time.sleep(0.5)
+
+    with LocalDeployment(out) as deployment:
+        deployment.start_superlink()
+        nodes = start_devices(deployment, data, simulated_policy(config))
+        run = threading.Thread(target=deployment.run, args=(server_run_config(config, data.server, out / "run"),),
+                               kwargs={"timeout": 600})
+        run.start()
+        wait_for_round(1)
+        deployment.stop("supernode-2", sig=signal.SIGKILL)
+        wait_for_round(2)
+        deployment.restart_supernode("supernode-2", *nodes["supernode-2"])
+        run.join(timeout=600)
+    entries = {e["round"]: e for e in rounds_done() if e["kind"] == "train"}
+    assert entries[1]["secure_sum"]["decrypted"] and entries[1]["trained"] == ["0", "1", "2"]
+    assert entries[2]["secure_sum"] == {"aggregation": "real", "decrypted": False, "shares": 0, "t_min": 3}
+    assert entries[2]["trained"] == [] and "2" in entries[2]["failed"]
+    for device in ("0", "1"):  # asked, answered the key stage, never trained: not charged
+        assert entries[2]["epsilon_reported"][device] == entries[1]["epsilon_reported"][device]
+    later = [entries[r] for r in (3, 4) if entries[r]["secure_sum"]["decrypted"]]
+    assert later and all(e["secure_sum"]["shares"] == len(e["trained"]) >= e["secure_sum"]["t_min"] for e in later)
+    audit = audit_run(out / "run")
+    assert audit["verdict"] == "pass", [f for f in audit["flags"] if f["severity"] == "error"]
+    assert processes_mentioning(str(out)) == []
