@@ -78,17 +78,14 @@ def test_a_supernode_without_a_registered_key_is_refused(tmp_path):
     assert processes_mentioning(str(tmp_path / "deploy")) == []
 
 
-def test_a_killed_supernode_fails_its_round_and_rejoins_with_its_epsilon(tmp_path):
-    """Device 2's SuperNode is killed after round 1: round 2 completes without it (round timeout); restarted
-    with the same key and state folder, it rejoins a later round and its epsilon continues from round 1."""
+def run_with_a_killed_supernode(config: RunConfig, out) -> list[dict]:
+    """Run the app on `config`'s devices; SIGKILL supernode-2 after round 1 and restart it (same key and state
+    folder) after round 2. Returns the ledger's outcome lines."""
     import signal
     import threading
 
     from fedrec.simulation.deploy import deployment_data, server_run_config, start_devices
 
-    out = (tmp_path / "deploy").resolve()
-    config = RunConfig(devices=3, rounds=5, devices_per_round=3, round_timeout=40.0, epsilon_budget=30.0,
-                       **{**TINY, "eval_every": 5})
     data = deployment_data(config, out)
     ledger = out / "run" / "ledger.jsonl"
 
@@ -113,7 +110,16 @@ def test_a_killed_supernode_fails_its_round_and_rejoins_with_its_epsilon(tmp_pat
         wait_for_round(2)
         deployment.restart_supernode("supernode-2", *nodes["supernode-2"])
         run.join(timeout=600)
-    entries = {e["round"]: e for e in rounds_done()}
+    return rounds_done()
+
+
+def test_a_killed_supernode_fails_its_round_and_rejoins_with_its_epsilon(tmp_path):
+    """Device 2's SuperNode is killed after round 1: round 2 completes without it (round timeout); restarted
+    with the same key and state folder, it rejoins a later round and its epsilon continues from round 1."""
+    out = (tmp_path / "deploy").resolve()
+    config = RunConfig(devices=3, rounds=5, devices_per_round=3, round_timeout=40.0, epsilon_budget=30.0,
+                       **{**TINY, "eval_every": 5})
+    entries = {e["round"]: e for e in run_with_a_killed_supernode(config, out)}
     assert entries[1]["trained"] == ["0", "1", "2"]
     assert "2" in entries[2]["failed"] and entries[2]["trained"] == ["0", "1"]
     rejoined = [r for r in (3, 4, 5) if "2" in entries[r]["trained"]]
@@ -179,40 +185,12 @@ def test_a_secure_round_missing_a_supernode_aborts_before_training_and_charges_n
     """Distributed mode, t = 3 of 3: device 2's SuperNode is killed after round 1, so round 2's secure sum cannot be
     decrypted; it is aborted at the key stage, before anyone trains (the others' epsilon does not move). Once the
     server stops asking the dead node, a later round's sum is decrypted again (rejoining is the local-mode test's)."""
-    import signal
-    import threading
-
     from fedrec.server.audit import audit_run
-    from fedrec.simulation.deploy import deployment_data, server_run_config, start_devices
 
     out = (tmp_path / "deploy").resolve()
     config = RunConfig(devices=3, rounds=4, devices_per_round=3, round_timeout=30.0, epsilon_budget=30.0,
                        privacy="distributed", **{**TINY, "eval_every": 5})
-    data = deployment_data(config, out)
-    ledger = out / "run" / "ledger.jsonl"
-
-    def rounds_done() -> list[dict]:
-        lines = [json.loads(line) for line in ledger.read_text().splitlines()] if ledger.exists() else []
-        return [e for e in lines if e["status"] == "done"]
-
-    def wait_for_round(server_round: int, timeout: float = 300.0) -> None:
-        deadline = time.monotonic() + timeout
-        while not any(e["round"] == server_round for e in rounds_done()):
-            assert time.monotonic() < deadline, f"round {server_round} did not finish"
-            time.sleep(0.5)
-
-    with LocalDeployment(out) as deployment:
-        deployment.start_superlink()
-        nodes = start_devices(deployment, data, simulated_policy(config))
-        run = threading.Thread(target=deployment.run, args=(server_run_config(config, data.server, out / "run"),),
-                               kwargs={"timeout": 600})
-        run.start()
-        wait_for_round(1)
-        deployment.stop("supernode-2", sig=signal.SIGKILL)
-        wait_for_round(2)
-        deployment.restart_supernode("supernode-2", *nodes["supernode-2"])
-        run.join(timeout=600)
-    entries = {e["round"]: e for e in rounds_done() if e["kind"] == "train"}
+    entries = {e["round"]: e for e in run_with_a_killed_supernode(config, out) if e["kind"] == "train"}
     assert entries[1]["secure_sum"]["decrypted"] and entries[1]["trained"] == ["0", "1", "2"]
     assert entries[2]["secure_sum"] == {"aggregation": "real", "decrypted": False, "shares": 0, "t_min": 3}
     assert entries[2]["trained"] == [] and "2" in entries[2]["failed"]
