@@ -83,6 +83,25 @@ def _load(context: Context) -> tuple[ClientSession, dict[str, Any]]:
     return ClientSession.from_bytes(record.pop("session")), record
 
 
+def _open_stage(message: Message, context: Context, config: RunConfig, stage: str,
+                ) -> tuple[Any, list[Device], Device, dict[str, Any], ClientSession, dict[str, Any]]:
+    """The node, its one device, the stage's protocol record and the session saved by the previous stage."""
+    node = open_node(context, config)
+    devices = node.devices(message.content)
+    device = _one_device(devices)
+    record = _stage_record(message.content, stage)
+    session, saved = _load(context)
+    return node, devices, device, record, session, saved
+
+
+def _parallel_lists(record: dict[str, Any], *keys: str) -> list[list[Any]]:
+    """Lists of equal length under `keys` of a protocol record (ids beside their keys, ciphertexts, shares)."""
+    values = [record.get(key) for key in keys]
+    if not all(isinstance(v, list) for v in values) or len({len(v) for v in values}) != 1:
+        raise P.ProtocolError(f"secure sum: {', '.join(keys)} should be lists of equal length")
+    return values
+
+
 def _reply(message: Message, devices: list[Device], outcomes: list[TrainOutcome], **records: Any) -> Message:
     from .app import _devices_record, _report  # the same public figures as every other reply
 
@@ -116,15 +135,8 @@ def handle_keys(message: Message, context: Context, config: RunConfig) -> Messag
 
 
 def handle_shares(message: Message, context: Context, config: RunConfig) -> Message:
-    node = open_node(context, config)
-    devices = node.devices(message.content)
-    device = _one_device(devices)
-    record = _stage_record(message.content, "shares")
-    session, saved = _load(context)
-    ids, c_keys, s_keys = record.get("ids"), record.get("c"), record.get("s")
-    if not (isinstance(ids, list) and isinstance(c_keys, list) and isinstance(s_keys, list)
-            and len(ids) == len(c_keys) == len(s_keys)):
-        raise P.ProtocolError("secure sum: the key list should hold ids, c and s keys of equal length")
+    _, devices, device, record, session, saved = _open_stage(message, context, config, "shares")
+    ids, c_keys, s_keys = _parallel_lists(record, "ids", "c", "s")
     ciphertexts = session.share_keys({str(i): {"c": bytes(c), "s": bytes(s)} for i, c, s in zip(ids, c_keys, s_keys)})
     _save(context, session, **saved)
     to = sorted(ciphertexts)
@@ -133,18 +145,12 @@ def handle_shares(message: Message, context: Context, config: RunConfig) -> Mess
 
 
 def handle_masked(message: Message, context: Context, config: RunConfig) -> Message:
-    node = open_node(context, config)
-    devices = node.devices(message.content)
-    device = _one_device(devices)
-    record = _stage_record(message.content, "masked")
-    session, saved = _load(context)
+    node, devices, device, record, session, saved = _open_stage(message, context, config, "masked")
     if saved.get("plan") != _plan_digest(message.content):
         raise SecAggError("the plan changed after this device committed to the round")
     plan = _plan(message.content)
     t_min = int(saved["threshold"])
-    senders, cts = record.get("from"), record.get("ct")
-    if not (isinstance(senders, list) and isinstance(cts, list) and len(senders) == len(cts)):
-        raise P.ProtocolError("secure sum: routed shares should list senders and ciphertexts of equal length")
+    senders, cts = _parallel_lists(record, "from", "ct")
     nonce = P.nonce(message.content[P.COHORT])
     # Verify the routed shares and fix U2 first, and store that before reading any data: a replayed or forged
     # masked request then fails here, so one commitment never trains (or charges the budget) twice.
@@ -179,11 +185,7 @@ def handle_masked(message: Message, context: Context, config: RunConfig) -> Mess
 
 
 def handle_unmask(message: Message, context: Context, config: RunConfig) -> Message:
-    node = open_node(context, config)
-    devices = node.devices(message.content)
-    device = _one_device(devices)
-    record = _stage_record(message.content, "unmask")
-    session, saved = _load(context)
+    _, devices, device, record, session, saved = _open_stage(message, context, config, "unmask")
     alive, dead = record.get("alive"), record.get("dead")
     if not (isinstance(alive, list) and isinstance(dead, list)):
         raise P.ProtocolError("secure sum: alive and dead should be lists of device ids")
