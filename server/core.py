@@ -15,7 +15,7 @@ import numpy as np
 from scipy.stats import binom
 
 from fedrec.shared.aggregation import PartialSum, delta_norm
-from fedrec.shared.config import AUTO, AUTO_SERVER_LR_SECURE, SECURE_MODES, RunConfig
+from fedrec.shared.config import AUTO, AUTO_SERVER_LR_SECURE, SECURE_MODES, ConfigError, RunConfig
 from fedrec.shared.distributed_dp import accounted_multiplier, multiplier_for_accounted
 from fedrec.shared.data.catalogue import Catalogue
 from fedrec.shared.model import ItemTables, initial_item_tables
@@ -133,6 +133,20 @@ def popularity_plan(config: RunConfig) -> PopularityPlan | None:
 
 def noise_multiplier_for(config: RunConfig, population: int) -> float:
     """Sigma of the training rounds: 0 without DP, the configured value, or 'auto' calibrated to the budget.
+
+    Raises ConfigError (naming the fields) where no sigma fits: the fixed releases alone spend the budget.
+    """
+    try:
+        return _noise_multiplier_for(config, population)
+    except ValueError as err:
+        raise ConfigError(f"noise-multiplier=auto cannot fit epsilon-budget={config.epsilon_budget} "
+                          f"(prior-noise-multiplier={config.prior_noise_multiplier}, federated-eval="
+                          f"{config.federated_eval}, rounds={config.rounds}): {err}; raise the budget or the "
+                          "prior's noise, or set noise-multiplier") from None
+
+
+def _noise_multiplier_for(config: RunConfig, population: int) -> float:
+    """noise_multiplier_for's calibration (ValueError where it cannot fit).
 
     'auto': the smallest sigma at which a device sampled in the 90th-percentile number of rounds
     (binomial in rounds x devices-per-round / population) just fits its epsilon budget, after

@@ -18,17 +18,18 @@ from pathlib import Path
 from typing import Any
 
 from fedrec.server.records import dumps
-from fedrec.shared.config import ConfigError, RunConfig
+from fedrec.shared.config import SECURE_MODES, ConfigError, RunConfig
 
 from .procs import RAY_TAGS, command_line, parents, rss_bytes, with_descendants
 
 log = logging.getLogger("fedrec.bench")
 
 FLOAT32 = 4  # bytes; tables and deltas travel as float32 (shared/protocol.py)
-# The default grid's axes. Only cells that vary one factor from BASE_CELL run (9 cells): the full
-# product (108 cells) would take days on 2 cores, and one factor at a time shows each one's cost.
+GRID_WORD = 8  # bytes; a secure sum's grid vector is int64 / uint64 (shared/distributed_dp.py)
+# The default grid's axes. Only cells that vary one factor from BASE_CELL run (10 cells): the full
+# product (162 cells) would take days on 2 cores, and one factor at a time shows each one's cost.
 GRID_AXES = {"devices_per_round": (10, 100, 1000), "population": (1000, 10_000, 100_000),
-             "items": (1000, 10_000, 100_000), "dim": (32, 64), "dp": (True, False)}
+             "items": (1000, 10_000, 100_000), "dim": (32, 64), "privacy": ("local", "none", "distributed")}
 MAX_DEVICE_ENGINE_POPULATION = 10_000  # the device engine starts one Flower node per device
 
 
@@ -38,11 +39,10 @@ class Cell:
     population: int = 1000
     items: int = 1000
     dim: int = 32
-    dp: bool = True
+    privacy: str = "local"  # a RunConfig privacy mode; 'none' is --no-dp
 
     def label(self) -> str:
-        return (f"N={self.devices_per_round} P={self.population} I={self.items} D={self.dim} "
-                f"{'dp' if self.dp else 'no-dp'}")
+        return f"N={self.devices_per_round} P={self.population} I={self.items} D={self.dim} {self.privacy}"
 
 
 BASE_CELL = Cell()
@@ -114,7 +114,9 @@ def cell_config(cell: Cell, *, rounds: int, engine: str, out_dir: str) -> RunCon
                                  embedding_dim=cell.dim, devices_per_round=cell.devices_per_round, rounds=rounds,
                                  eval_every=rounds, eval_devices=10, final_eval_devices=20,
                                  baselines=False, out_dir=out_dir, simulation_engine=engine)
-    return config if cell.dp else config.without_dp()
+    # The secure modes sum every round under secure aggregation (modelled in the cohort engine, real in the
+    # device engine); the plain loop models the sum the same way (simulation/plain.py).
+    return config.without_dp() if cell.privacy == "none" else config.replace(privacy=cell.privacy)
 
 
 def run_cell(cell: Cell, *, rounds: int, engine: str, verbose: bool = False) -> dict[str, Any]:
@@ -145,7 +147,11 @@ def run_cell(cell: Cell, *, rounds: int, engine: str, verbose: bool = False) -> 
     plain_round = statistics.median(plain.round_seconds[1:])
     trained = statistics.mean(e["trained"] for e in train[1:])
     plain_trained = statistics.mean(plain.round_trained[1:])
-    update_bytes = FLOAT32 * cell.items * (cell.dim + 1)  # item-embedding delta + item-bias delta
+    if cell.privacy in SECURE_MODES:  # the embedding (plus bias, if it trains) on the grid, 64-bit integers
+        update_bytes = GRID_WORD * cell.items * (cell.dim + (1 if config.train_biases else 0))
+    else:  # item-embedding delta + item-bias delta, float32
+        update_bytes = FLOAT32 * cell.items * (cell.dim + 1)
+    down_bytes = FLOAT32 * cell.items * (cell.dim + 1)  # the item tables a request carries
     # Cohort engine: a shard node sends one partial sum (same shape, float32) for its devices of the round,
     # so a round has at most min(nodes, devices per round) replies; the device engine one per device.
     messages = min(node_count(config, cell.population), cell.devices_per_round)
@@ -155,7 +161,7 @@ def run_cell(cell: Cell, *, rounds: int, engine: str, verbose: bool = False) -> 
             "trained_per_round": trained, "per_update_ms_flower": _per_ms(flower_round, trained),
             "per_update_ms_plain": _per_ms(plain_round, plain_trained),
             "peak_rss_gb_flower": flower_rss.peak_gb, "peak_rss_gb_plain": plain_rss.peak_gb,
-            "bytes_per_update_up": update_bytes, "bytes_per_request_down": update_bytes,
+            "bytes_per_update_up": update_bytes, "bytes_per_request_down": down_bytes,
             "messages_up_per_round": messages, "bytes_up_per_round": messages * update_bytes}
 
 
@@ -171,7 +177,7 @@ def run_in_child(cell: Cell, *, rounds: int, engine: str) -> dict[str, Any]:
     """One grid cell in a fresh process, so memory and Ray state do not carry over between cells."""
     argv = [sys.executable, "-m", "fedrec.simulation.cli", "bench", "--devices-per-round", str(cell.devices_per_round),
             "--population", str(cell.population), "--items", str(cell.items), "--dim", str(cell.dim),
-            "--dp" if cell.dp else "--no-dp", "--rounds", str(rounds), "--engine", engine, "--json"]
+            "--privacy", cell.privacy, "--rounds", str(rounds), "--engine", engine, "--json"]
     done = subprocess.run(argv, stdout=subprocess.PIPE, text=True)  # the child's log goes to our stderr
     if done.returncode != 0:
         log.error("%s failed (exit %d)", cell.label(), done.returncode)
@@ -198,12 +204,17 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def bench_command(args: argparse.Namespace) -> int:
     if args.rounds < 2:
         raise ConfigError(f"--rounds {args.rounds}: need at least 2 (round 1 is timed apart from the steady rounds)")
-    given = {name: getattr(args, name) for name in ("devices_per_round", "population", "items", "dim", "dp")
+    if args.dp is not None and args.privacy is not None and (args.privacy == "none") == args.dp:
+        raise ConfigError(f"{'--dp' if args.dp else '--no-dp'} with --privacy {args.privacy}: they disagree; "
+                          "give one of them")
+    if args.dp is not None and args.privacy is None:
+        args.privacy = "local" if args.dp else "none"
+    given = {name: getattr(args, name) for name in ("devices_per_round", "population", "items", "dim", "privacy")
              if getattr(args, name) is not None}
     if args.grid:
         if given:
             name, value = next(iter(given.items()))
-            flag = ("--dp" if value else "--no-dp") if name == "dp" else f"--{name.replace('_', '-')} {value}"
+            flag = f"--{name.replace('_', '-')} {value}"
             raise ConfigError(f"{flag}: --grid runs its own cells; drop one or the other")
         cells, skipped = grid_cells(args.engine)
         for reason, group in skipped.items():

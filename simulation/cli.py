@@ -281,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--population", type=int, help="synthetic devices (default 1000)")
     bench.add_argument("--items", type=int, help="synthetic catalogue size (default 1000)")
     bench.add_argument("--dim", type=int, help="embedding dimension (default 32)")
-    bench.add_argument("--dp", action=argparse.BooleanOptionalAction, help="record-level DP on or off (default on)")
+    bench.add_argument("--dp", action=argparse.BooleanOptionalAction,
+                       help="record-level DP on or off (default on): --dp is --privacy local, --no-dp --privacy none")
+    bench.add_argument("--privacy", choices=PRIVACY_MODES, help=help_of["privacy"] + " (default local)")
     bench.add_argument("--rounds", type=int, default=4, help="training rounds; round 1 is reported apart, the "
                                                              "median of the others is the steady round time")
     bench.add_argument("--engine", choices=("cohort", "device"), default="cohort", help=help_of["simulation-engine"])

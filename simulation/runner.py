@@ -103,6 +103,7 @@ def simulate(config: RunConfig, *, verbose: bool = False, client_mods: list | No
 
     from fedrec.client.app import build_client_app
     from fedrec.server.app import build_server_app
+    from fedrec.server.core import noise_multiplier_for
 
     run_dir = Path(config.out_dir or default_run_dir()).resolve()
     refuse_inside_flower_app(run_dir, "out-dir")  # before anything is written there
@@ -114,6 +115,7 @@ def simulate(config: RunConfig, *, verbose: bool = False, client_mods: list | No
         config = config.replace(state_dir=str(run_dir / "device-state"))
     config = config.replace(out_dir=str(run_dir))
     devices = open_population(config).num_devices
+    noise_multiplier_for(config, devices)  # a budget no sigma fits is refused here, before Ray starts
     available = data_set_devices(config)
     if available is not None:
         log.info("%d of the data set's %d devices take part (devices=%d; 0 = all)", devices, available, config.devices)

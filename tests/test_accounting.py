@@ -86,3 +86,14 @@ def test_calibrated_sigma_meets_the_target_tightly(target, q, steps):
     sigma = calibrate_noise_multiplier(target_epsilon=target, delta=1e-5, sample_rate=q, steps=steps)
     assert epsilon([(sigma, q, steps)], delta=1e-5) <= target
     assert epsilon([(sigma - 2e-3, q, steps)], delta=1e-5) > target * 0.98
+
+
+@pytest.mark.parametrize("privacy", ["local", "distributed", "user"])
+def test_a_budget_the_fixed_releases_alone_spend_is_refused_by_name(privacy):
+    from fedrec.server.core import noise_multiplier_for
+    from fedrec.shared.config import ConfigError, RunConfig
+
+    config = RunConfig().replace(privacy=privacy, epsilon_budget=8.0, prior_noise_multiplier=0.01)
+    with pytest.raises(ConfigError, match="prior-noise-multiplier=0.01.*alone exceed epsilon 8.0"):
+        noise_multiplier_for(config, 500)
+    assert noise_multiplier_for(config.replace(prior_noise_multiplier=5.0), 500) > 0  # a fitting prior passes
