@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedrec.shared import protocol as P
-from fedrec.shared.config import RunConfig
+from fedrec.shared.config import SECURE_MODES, RunConfig
 from fedrec.shared.device import Device, NonFiniteUpdate, TrainOutcome, report_popularity_sum, share_seed
 from fedrec.shared.distributed_dp import GridSum, SumMechanism, to_modular
 from fedrec.shared.plans import LocalTrainingPlan
@@ -39,11 +39,19 @@ MESSAGE_TYPES = {stage: f"train.secagg_{stage}" for stage in STAGES}
 
 
 def _plan(content: RecordDict) -> LocalTrainingPlan | PopularityPlan:
+    plan: LocalTrainingPlan | PopularityPlan
     if P.PLAN in content:
-        return LocalTrainingPlan.from_config(dict(content[P.PLAN]))
-    if P.PRIOR in content:
-        return PopularityPlan.from_config(dict(content[P.PRIOR]))
-    raise P.ProtocolError("secure sum request: no plan or prior record")
+        plan = LocalTrainingPlan.from_config(dict(content[P.PLAN]))
+    elif P.PRIOR in content:
+        plan = PopularityPlan.from_config(dict(content[P.PRIOR]))
+    else:
+        raise P.ProtocolError("secure sum request: no plan or prior record")
+    # Only a distributed or user plan puts its noise into the sum as shares: any other plan would leave the
+    # device with 1/t of the noise its accounting assumes.
+    if plan.privacy not in SECURE_MODES or not plan.dp:
+        raise P.ProtocolError(f"secure sum request: a {plan.privacy!r} plan (dp={plan.dp}) has no place in a "
+                              "secure sum")
+    return plan
 
 
 def _plan_digest(content: RecordDict) -> str:
@@ -122,6 +130,7 @@ def handle_keys(message: Message, context: Context, config: RunConfig) -> Messag
     expected = update_dimension(plan, node.num_items, dim) if isinstance(plan, LocalTrainingPlan) else node.num_items
     if params.vector_length != expected:
         raise P.ProtocolError(f"secure sum: vector length {params.vector_length}, expected {expected}")
+    _mechanism(plan, node.num_items, dim, params.threshold)  # a mechanism it cannot draw exactly: refused here
     state = device.load_state()
     verdict = device.admit(plan, state, params.threshold)  # the plan and t, before anything is committed
     if verdict is not None:

@@ -27,7 +27,7 @@ from .data.interactions import DataError, DeviceEvents, DeviceSplit, split_devic
 from .eval_release import RELEASED_METRICS, EvaluationPlan, noisy_metrics
 from .evaluation import rank_scores
 from .model import ItemTables, initial_user_row
-from .plans import LocalTrainingPlan
+from .plans import LocalTrainingPlan, PlanError
 from .policy import Plan, PrivacyPolicy
 from .popularity import PopularityPlan, indicator, noisy_indicator
 from .secure_release import update_vector
@@ -167,7 +167,7 @@ class Device:
             return verdict, None
         report = noisy_indicator(self.split.train_items, self.split.train_weights, num_items, plan=plan,
                                  seed=_noise_seed(self.settings.seed, [self.device_key], plan.server_round, nonce))
-        return self.commit(plan, state, state.user_row), report
+        return self.commit(plan, state), report
 
     def evaluate(self, plan: EvaluationPlan, tables: ItemTables, *,
                  nonce: int = 0) -> tuple[TrainOutcome, dict[str, float] | None]:
@@ -181,9 +181,14 @@ class Device:
         exact = {k: float(ranked[k][0]) for k in RELEASED_METRICS}
         rng = np.random.default_rng(_noise_seed(self.settings.seed, [self.device_key], plan.server_round, nonce,
                                                 salt=EVAL_NOISE_SALT))
-        return self.commit(plan, state, state.user_row), noisy_metrics(exact, plan, rng)
+        return self.commit(plan, state), noisy_metrics(exact, plan, rng)
 
-    def user_row(self, state: DeviceState, dim: int) -> np.ndarray:
+    def user_row(self, state: DeviceState, dim: int, plan: LocalTrainingPlan | None = None) -> np.ndarray:
+        """The row a round starts from: in 'user' mode the exactly fitted one (if any), otherwise only the row
+        that accounted, noised steps produced (or the data-independent initial row)."""
+        if plan is not None and plan.privacy == "user" and state.user_row_exact is not None \
+                and state.user_row_exact.shape == (dim,):
+            return state.user_row_exact
         if state.user_row is not None and state.user_row.shape == (dim,):
             return state.user_row
         rng = np.random.default_rng([self.settings.seed, self.device_key, 0x05E5])
@@ -195,17 +200,20 @@ class Device:
         return DeviceTrainingData(items=self.split.train_items, weights=self.split.train_weights,
                                   seed=(self.settings.seed, self.device_key, plan.server_round, nonce))
 
-    def commit(self, plan: Plan, state: DeviceState, user_row: np.ndarray | None,
+    def commit(self, plan: Plan, state: DeviceState, user_row: np.ndarray | None = None,
                history: Sequence[HistoryEntry] | None = None, t_min: int = 0) -> TrainOutcome:
         """Store the release atomically (new user row, the four histories with its cost); returns the outcome.
 
+        `user_row`: the row the release trained (None: unchanged); a 'user' plan's goes to `user_row_exact`.
         `history`: the record-level history Opacus's accountant composed in local mode (the same steps).
         """
         cost = release_cost(plan, t_min)
         record = history if history is not None and getattr(plan, "privacy", "local") == "local" else \
             [*state.history, *cost.record]
+        rows = {} if user_row is None else \
+            {"user_row_exact" if getattr(plan, "privacy", "") == "user" else "user_row": user_row}
         new_state = replace(
-            state, user_row=user_row, history=tuple(compact_history(record)),
+            state, **rows, history=tuple(compact_history(record)),
             subverted_history=tuple(compact_history([*state.subverted_history, *cost.record_subverted])),
             user_history=tuple(compact_history([*state.user_history, *(cost.user or [])])),
             user_subverted_history=tuple(compact_history([*state.user_subverted_history,
@@ -233,6 +241,8 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
     """
     from .training import train_cohort  # torch and Opacus: the one path that needs them
 
+    _secure_plan_only(plan, secure)
+
     states = [d.load_state() for d in devices]
     outcomes: list[TrainOutcome | None] = [device.admit(plan, state, t_min) for device, state in zip(devices, states)]
     active = [j for j, verdict in enumerate(outcomes) if verdict is None]
@@ -241,7 +251,13 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
     for start in range(0, len(active), size):
         cohort = active[start:start + size]
         keys = [devices[j].device_key for j in cohort]
-        update = train_cohort(plan, tables, np.stack([devices[j].user_row(states[j], tables.dim) for j in cohort]),
+        for j in cohort:
+            # Write-ahead: the round is charged before any data is read, so a failure while training (an error, or
+            # the process killed for memory, which a server can steer through the plan's shape) is never free to
+            # repeat. The commit after training starts from the same state: the same charge, plus the new row.
+            devices[j].commit(plan, states[j], None, t_min=t_min)
+        update = train_cohort(plan, tables, np.stack([devices[j].user_row(states[j], tables.dim, plan)
+                                                      for j in cohort]),
                               [devices[j].training_data(plan, nonce) for j in cohort],
                               [states[j].history for j in cohort],
                               noise_seed=_noise_seed(devices[cohort[0]].settings.seed, keys, plan.server_round, nonce))
@@ -249,7 +265,7 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
             # Defence in depth (inputs are bounded on arrival): the steps are spent, nothing non-finite is kept or
             # sent, since a NaN pattern would show which rows a device's data touched.
             for row, j in enumerate(cohort):
-                devices[j].commit(plan, states[j], states[j].user_row, update.histories[row], t_min=t_min)
+                devices[j].commit(plan, states[j], None, update.histories[row], t_min=t_min)
             raise NonFiniteUpdate(f"round {plan.server_round}: training produced non-finite values; nothing sent")
         for row, j in enumerate(cohort):
             outcome = devices[j].commit(plan, states[j], update.user_rows[row], update.histories[row], t_min=t_min)
@@ -274,6 +290,7 @@ def report_popularity_sum(devices: Sequence[Device], plan: PopularityPlan, num_i
     caller adds the shares' noise to the sum), and the second value is None.
     """
     outcomes, total = [], None
+    _secure_plan_only(plan, secure)
     if secure is not None:
         for device in devices:
             state = device.load_state()
@@ -283,7 +300,7 @@ def report_popularity_sum(devices: Sequence[Device], plan: PopularityPlan, num_i
                 continue
             secure.add(indicator(device.split.train_items, device.split.train_weights, num_items,
                                  unit_norm=plan.privacy == "user"))
-            outcomes.append(device.commit(plan, state, state.user_row, t_min=t_min))
+            outcomes.append(device.commit(plan, state, t_min=t_min))
         return outcomes, None
     for device in devices:
         outcome, counts = device.report_popularity(plan, num_items, nonce=nonce)
@@ -291,6 +308,13 @@ def report_popularity_sum(devices: Sequence[Device], plan: PopularityPlan, num_i
         if counts is not None:
             total = counts.astype(np.float64) if total is None else total + counts
     return outcomes, total
+
+
+def _secure_plan_only(plan: LocalTrainingPlan | PopularityPlan, secure: GridSum | None) -> None:
+    """A secure sum takes only the plans whose noise is shared out in it, and those plans only go into one."""
+    if (secure is not None) != (plan.dp and plan.privacy in ("distributed", "user")):
+        raise PlanError(f"a {plan.privacy!r} plan (dp={plan.dp}) "
+                        f"{'cannot go into' if secure is not None else 'must go into'} a secure sum")
 
 
 EVAL_NOISE_SALT = 0xE7A15

@@ -19,11 +19,19 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .plans import PlanError
 from .privacy.accounting import RDP_ORDERS, HistoryEntry
 
 GRID_INFLATION = 0.01  # rounding adds at most 1% to the L2 sensitivity
 CLAMP = 2**40  # per-coordinate bound on a device's grid value: 2^20 devices still sum inside int64
 MODULUS_BITS = 64  # the secure sum is taken modulo 2^64 (numpy uint64 wraps)
+# numpy draws Poisson(lam) in double precision: near 2^40 doubles are 2^-12 apart, so every integer outcome is
+# reachable; near 2^53 and above the draws come out as multiples of 2, 4, ..., and the low bits of a noised
+# value would be the device's exact quantised value. Larger rates are drawn as sums of exact draws (a sum of
+# Poissons is Poisson), and a plan asking a device for more than MAX_SHARE_RATE per coordinate is refused:
+# no honest run needs it (z = 50 with 10^7 coordinates and t = 2 is 6e13), and it bounds the work of a share.
+EXACT_POISSON_RATE = 2.0**40
+MAX_SHARE_RATE = 2.0**46
 
 
 def skellam_rdp(orders: np.ndarray, *, variance: float, l2: float, l1: float) -> np.ndarray:
@@ -83,6 +91,10 @@ class SumMechanism:
         if not (self.sensitivity > 0 and math.isfinite(self.sensitivity) and self.noise_multiplier >= 0
                 and math.isfinite(self.noise_multiplier) and self.t_min >= 1 and self.dimension >= 1):
             raise ValueError(f"sum mechanism out of range: {self}")
+        if self.share_variance / 2.0 > MAX_SHARE_RATE:
+            raise PlanError(f"noise multiplier {self.noise_multiplier}: a share's Skellam rate "
+                            f"{self.share_variance / 2.0:.3g} per coordinate is above {MAX_SHARE_RATE:.3g}, beyond "
+                            "what the device draws exactly")
 
     @property
     def grid_step(self) -> float:
@@ -104,7 +116,7 @@ class SumMechanism:
         lam = shares * self.share_variance / 2.0
         if lam <= 0:
             return np.zeros(self.dimension, dtype=np.int64)
-        return rng.poisson(lam, self.dimension).astype(np.int64) - rng.poisson(lam, self.dimension).astype(np.int64)
+        return exact_poisson(rng, lam, self.dimension) - exact_poisson(rng, lam, self.dimension)
 
     def encode(self, vector: np.ndarray | None, rng: np.random.Generator) -> tuple[np.ndarray, int]:
         """The device's contribution: quantised vector + its noise share (None: the noise share alone, which is
@@ -126,6 +138,16 @@ class SumMechanism:
     def sum_noise_std(self, shares: int) -> float:
         """Std per coordinate, in real units, of the noise in a sum of `shares` contributions."""
         return math.sqrt(shares * self.share_variance) * self.grid_step
+
+
+def exact_poisson(rng: np.random.Generator, lam: float, size: int) -> np.ndarray:
+    """Poisson(lam) draws (int64) whose every integer outcome is reachable: a sum of draws at rates of at most
+    EXACT_POISSON_RATE."""
+    pieces = max(1, math.ceil(lam / EXACT_POISSON_RATE))
+    out = np.zeros(size, dtype=np.int64)
+    for _ in range(pieces):
+        out += rng.poisson(lam / pieces, size).astype(np.int64)
+    return out
 
 
 def to_modular(grid: np.ndarray) -> np.ndarray:

@@ -333,11 +333,16 @@ class ClientSession:
             raise SecAggError(f"|U1| = {len(u1)} is below threshold {t}")
         if 2 * t <= len(u1):
             # With t <= |U1| / 2 two disjoint groups of t could each reconstruct a different view (one node both
-            # alive and dead) without any device the server registered itself: Bonawitz et al. need t > n / 2.
+            # alive and dead) of the same key list: Bonawitz et al. need t > n / 2. This is checked on this
+            # device's own view only; a server that sends devices different key lists can still split them
+            # (no Sybils needed), which is why the subverted-aggregation figure exists (README, Privacy model).
             raise SecAggError(f"threshold {t} is not above half of |U1| = {len(u1)}")
+        assert self._c_sk is not None and self._s_sk is not None
+        for v in u1:  # every mask key must agree now: one that fails later would fail after the data was read
+            if v != self._my_id:
+                _exchange(self._s_sk, u1[v]["s"], f"the pair mask with {v!r}")
         order = sorted(u1)  # share index = 1 + position in sorted U1
         b = os.urandom(_KEY_LEN)
-        assert self._c_sk is not None and self._s_sk is not None
         s_shares = _split(self._s_sk, t, len(order))
         b_shares = _split(b, t, len(order))
         out: dict[str, bytes] = {}

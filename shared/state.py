@@ -39,6 +39,10 @@ class DeviceState:
     user_history: tuple[HistoryEntry, ...] = ()
     user_subverted_history: tuple[HistoryEntry, ...] = ()
     not_user_level: bool = False  # it once made a release without a user-level guarantee: user-level epsilon inf
+    # The user row that 'user' mode fits without noise. Kept apart from `user_row` (fitted only by accounted,
+    # noised steps): a record-level round must never start from a row fitted exactly to the device's data,
+    # whose records would then move every example's gradient, beyond the sensitivity the accountant assumes.
+    user_row_exact: np.ndarray | None = None
 
     def to_bytes(self) -> bytes:
         payload = {
@@ -54,6 +58,7 @@ class DeviceState:
             "user_history": [list(h) for h in self.user_history],
             "user_subverted_history": [list(h) for h in self.user_subverted_history],
             "not_user_level": self.not_user_level,
+            "user_row_exact": None if self.user_row_exact is None else [float(x) for x in self.user_row_exact],
         }
         body = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)  # never store NaN/inf
         return json.dumps({"sha256": hashlib.sha256(body.encode()).hexdigest(), "state": payload},
@@ -69,9 +74,10 @@ class DeviceState:
                 raise StateError(f"{source}: checksum mismatch (the file was modified or truncated)")
             if payload["format"] != STATE_FORMAT:
                 raise StateError(f"{source}: state format {payload['format']} is not {STATE_FORMAT}")
-            row = payload["user_row"]
+            row, exact = payload["user_row"], payload.get("user_row_exact")
             return cls(device_id=str(payload["device_id"]),
                        user_row=None if row is None else np.asarray(row, dtype=np.float32),
+                       user_row_exact=None if exact is None else np.asarray(exact, dtype=np.float32),
                        history=tuple(normalize_history(payload["history"])),
                        rounds=tuple(int(r) for r in payload["rounds"]),
                        declined=tuple(int(r) for r in payload["declined"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -109,3 +110,74 @@ def test_all_zero_tables_do_not_reveal_the_number_of_distinct_items(tmp_path):
                            zero, nonce=r)[1]["hr@10"] for r in range(1, 4)]
     assert all(abs(v - exact) > 1e-6 for v in released) and len(set(released)) == 3
     assert FileStateStore(tmp_path / "s.json").load().history == ((5.0, 1.0, 3),)  # each release was charged
+
+
+def test_the_row_user_mode_fits_exactly_never_starts_a_record_level_round(tmp_path):
+    """'user' mode fits the user row without noise; a later local or distributed round must start from the row
+    that only accounted, noised steps produced, or one record would move every example's gradient."""
+    from fedrec.shared.device import train_devices
+    from fedrec.shared.distributed_dp import GridSum
+    from fedrec.shared.secure_release import training_mechanism
+
+    d = device(tmp_path / "s.json", budget=1e4)
+    t = tables()
+    initial = d.user_row(d.load_state(), t.dim)
+    user = plan(server_round=1, privacy="user", update_clip=0.5, noise_multiplier=1.0, user_noise_multiplier=0.0,
+                user_steps=5, user_lr=1.0)
+    train_devices([d], user, t, secure=GridSum.zeros(training_mechanism(user, t.num_items, t.dim, 2)), t_min=2)
+    state = d.load_state()
+    assert state.user_row is None and state.user_row_exact is not None
+    assert not np.allclose(state.user_row_exact, initial)
+    np.testing.assert_array_equal(d.user_row(state, t.dim, user), state.user_row_exact)
+    local = plan(server_round=2)
+    np.testing.assert_array_equal(d.user_row(state, t.dim, local), initial)  # data-independent, not the exact row
+    d.train(local, t)
+    after = d.load_state()
+    np.testing.assert_array_equal(after.user_row_exact, state.user_row_exact)  # each mode keeps its own row
+    assert after.user_row is not None and not np.allclose(after.user_row, state.user_row_exact)
+    assert DeviceState.from_bytes(after.to_bytes(), source="x").user_row_exact is not None  # it is stored
+
+
+def test_a_failure_while_training_is_charged_so_it_cannot_be_repeated_for_free(tmp_path, monkeypatch):
+    """A server can shape a plan so training fails (memory) only above some data size; the round is charged
+    before the data is read, so each such probe costs the same budget as a round that trained."""
+    import fedrec.shared.training as training
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("the plan's tensors do not fit")
+
+    d = device(tmp_path / "s.json", budget=30.0)
+    monkeypatch.setattr(training, "train_cohort", out_of_memory)
+    with pytest.raises(MemoryError):
+        d.train(plan(server_round=1), tables())
+    charged = FileStateStore(tmp_path / "s.json").load()
+    assert charged.rounds == (1,) and charged.user_row is None
+    monkeypatch.undo()
+    trained = device(tmp_path / "t.json", budget=30.0)
+    trained.train(plan(server_round=1), tables())
+    assert sorted(charged.history) == sorted(FileStateStore(tmp_path / "t.json").load().history)
+
+
+def test_the_cap_on_the_subverted_figure_declines_exactly_when_the_next_sum_would_pass_it(tmp_path):
+    """max-subverted-epsilon: a device declines a secure-sum round whose release would take its epsilon against
+    a subverting server (its own noise share alone) past the cap, even with room left in its budget."""
+    from fedrec.shared.device import train_devices
+    from fedrec.shared.distributed_dp import GridSum, distributed_entries
+    from fedrec.shared.secure_release import training_mechanism
+
+    sigma, t_min = 4.0, 5
+    p = plan(privacy="distributed", noise_multiplier=sigma, user_noise_multiplier=2 * sigma, lr=0.5)
+    _, subverted = distributed_entries(sigma, t_min)
+    user_block = [(2 * sigma, 1.0, p.user_steps)] if p.user_steps else []
+    after = [epsilon([(subverted[0], 1.0, r), *[(s, q, n * r) for s, q, n in user_block]], delta=1e-5)
+             for r in (1, 2, 3)]
+    d = device(tmp_path / "s.json", budget=1e4, max_subverted_epsilon=(after[1] + after[2]) / 2)
+    t = tables()
+    declined = []
+    for r in (1, 2, 3):
+        grid = GridSum.zeros(training_mechanism(p, t.num_items, t.dim, t_min))
+        (outcome,) = train_devices([d], replace(p, server_round=r), t, secure=grid, t_min=t_min)
+        declined.append(outcome.declined)
+        assert outcome.epsilon_subverted <= d.policy.max_subverted_epsilon
+    assert declined == [False, False, True]
+    assert outcome.epsilon_subverted == pytest.approx(after[1])

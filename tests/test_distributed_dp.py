@@ -112,3 +112,28 @@ def test_an_evaluation_release_is_also_user_level_and_a_popularity_report_is_not
     cost = release_cost(user_report, t_min=10)
     assert cost.user is not None and cost.user[0][0] > cost.user_subverted[0][0]
     assert cost.record[0][0] == pytest.approx(cost.user[0][0] / 2)
+
+
+def test_poisson_draws_above_the_exact_rate_keep_uniform_low_bits():
+    """numpy draws Poisson in double precision: at 2^55 every draw is a multiple of 4 or 8, so a noised value's
+    low bits would be the exact quantised value. exact_poisson sums exact draws instead."""
+    from scipy.stats import chisquare
+
+    from fedrec.shared.distributed_dp import exact_poisson
+
+    rng = np.random.default_rng(7)
+    assert np.all(rng.poisson(2.0**55, 256) % 4 == 0)  # the failure mode this guards against
+    draws = exact_poisson(rng, 2.0**55, 512)
+    assert chisquare(np.bincount(draws % 8, minlength=8)).pvalue > 1e-4
+    assert abs(draws.mean() - 2.0**55) < 6 * np.sqrt(2.0**55 / 512)
+
+
+def test_a_share_rate_beyond_exact_sampling_is_a_plan_error_and_honest_large_runs_pass():
+    from fedrec.shared.distributed_dp import MAX_SHARE_RATE
+    from fedrec.shared.plans import PlanError
+
+    SumMechanism(sensitivity=0.5, noise_multiplier=50.0, t_min=2, dimension=10**7)  # a large honest run
+    with pytest.raises(PlanError, match="draws exactly"):
+        SumMechanism(sensitivity=0.5, noise_multiplier=2e5, t_min=3, dimension=3000)
+    big = SumMechanism(sensitivity=1.0, noise_multiplier=50.0, t_min=2, dimension=10**7)
+    assert big.share_variance / 2 <= MAX_SHARE_RATE

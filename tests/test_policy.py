@@ -142,10 +142,15 @@ def test_data_errors_leave_the_device_as_a_code_without_data(tmp_path, caplog):
     reply = build_client_app(RunConfig(embedding_dim=4))(request(t), deployed(tmp_path, data))
     assert reply.has_error() and reply.error.reason == "device-data"
     assert "secret-value" in caplog.text  # the detail is in the device's own log only
+    # the round was charged before the data was read (write-ahead): a failure is never free to repeat
+    assert FileStateStore(tmp_path / "state" / "state.json").load().rounds == (1,)
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "catalogue.csv").write_bytes((tmp_path / "catalogue.csv").read_bytes())
     data.write_text("item_index,timestamp,weight\n29,10,1.0\n")  # one item only: too few to train
-    reply = build_client_app(RunConfig(embedding_dim=4))(request(t), deployed(tmp_path, data))
+    reply = build_client_app(RunConfig(embedding_dim=4))(request(t), deployed(fresh, data))
     assert reply.has_error() and reply.error.reason == "device-data"
-    unknown = build_client_app(RunConfig(embedding_dim=4))(request(t), deployed(tmp_path, data, **{"budget": 3}))
+    unknown = build_client_app(RunConfig(embedding_dim=4))(request(t), deployed(fresh, data, **{"budget": 3}))
     assert unknown.has_error() and unknown.error.reason == "node-config"
 
 

@@ -389,3 +389,13 @@ def test_malformed_state_rejected():
     state["stage"] = "shared"  # claims a stage whose secrets it lacks
     with pytest.raises(SecAggError, match="incomplete"):
         ClientSession.from_bytes(json.dumps(state).encode())
+
+
+def test_a_low_order_mask_key_is_refused_when_shares_are_made_before_any_input_exists():
+    """A mask key that cannot agree would otherwise fail only at masking, after the device trained and paid."""
+    params = SessionParams(session_id=os.urandom(16), threshold=3, vector_length=L)
+    sessions = {u: ClientSession.start(params, u) for u in ids(4)}
+    keys = {u: pub for u, (_, pub) in sessions.items()}
+    keys["p3"] = {"c": keys["p3"]["c"], "s": bytes(32)}  # the all-zero point has low order
+    with pytest.raises(SecAggError, match="key agreement failed"):
+        sessions["p0"][0].share_keys(keys)

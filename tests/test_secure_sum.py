@@ -16,6 +16,7 @@ from fedrec.shared import protocol as P
 from fedrec.shared.config import RunConfig
 from fedrec.shared.device import train_devices
 from fedrec.shared.distributed_dp import GridSum
+from fedrec.shared.plans import PlanError
 from fedrec.shared.secure_release import training_mechanism
 from fedrec.shared.state import FileStateStore
 from tests.helpers import message, plan, tables
@@ -115,6 +116,11 @@ def test_the_server_sees_masked_vectors_and_decrypts_the_plain_sum_plus_the_shar
         device = reply.content[P.DEVICE][P.DEVICE_IDS][0]
         masked = reply.content[P.GRID][P.GRID_SUM].numpy().view(np.int64)
         assert np.median(np.abs(masked.astype(np.float64) - plain[device])) > 2.0**40
+    for stage, replies_of_stage in grid.received.items():  # beside the protocol's values: public figures only
+        for reply in replies_of_stage:
+            assert set(reply.content.keys()) <= {P.REPORT, P.DEVICE, P.GRID, "secagg"}, stage
+            assert set(reply.content[P.REPORT].keys()) == {"declined", "epsilon", "epsilon-subverted"}, stage
+            assert P.GRID not in reply.content or stage == "masked"
     residual = total - mechanism.decode(np.sum(list(plain.values()), axis=0))
     # the noise of s = 8 shares, each of variance sigma^2 C'^2 / t_min: std sigma C' sqrt(s / t_min)
     assert np.std(residual) == pytest.approx(mechanism.sum_noise_std(DEVICES), rel=0.15)
@@ -268,3 +274,44 @@ def test_popularity_sums_hold_at_least_half_a_round_of_devices():
     assert sizes({k: [f"d{k}"] for k in range(230)}) == [100, 130]  # a remainder of 30 joins the last sum
     assert sizes({k: [f"d{k}"] for k in range(260)}) == [100, 100, 60]
     assert sizes({0: [f"a{k}" for k in range(305)], 1: [f"b{k}" for k in range(305)]}) == [305, 305]  # nodes whole
+
+
+@pytest.mark.parametrize("privacy, dp", [("local", True), ("local", False), ("distributed", False)])
+def test_a_plan_that_does_not_share_out_its_noise_is_refused_by_every_secure_stage(config, privacy, dp):
+    """A local plan in a secure sum would carry 1/t of the noise its accounting assumes (and a plan without DP
+    none): each stage refuses it before the device commits, and nothing is read or charged."""
+    from flwr.app import ConfigRecord
+
+    from fedrec.shared.popularity import PopularityPlan
+
+    grid = LoopbackGrid(config)
+    prior = PopularityPlan(server_round=0, dp=dp, noise_multiplier=2.0 if dp else 0.0, delta=1e-5, privacy=privacy)
+    for stage in ("keys", "shares", "masked", "unmask"):
+        content = RecordDict({P.PRIOR: ConfigRecord(prior.to_config()),
+                              P.COHORT: ConfigRecord({P.DEVICE_IDS: ["sim-2"], P.NONCE: 0, P.THRESHOLD: 6}),
+                              "secagg": ConfigRecord({"stage": stage})})
+        reply = grid.client(message(content, dst=102, message_type=f"train.secagg_{stage}"), grid.contexts[102])
+        # keys: the plan itself is refused; later stages find no session this plan could belong to
+        assert reply.has_error() and (stage != "keys" or reply.error.reason == "bad-message"), stage
+    assert "fedrec-secagg-session" not in grid.contexts[102].state
+    assert FileStateStore(f"{config.state_dir}/sim-2.json").load() is None
+
+
+def test_a_noise_multiplier_beyond_exact_sampling_is_refused_at_the_key_stage(config):
+    """Poisson draws at rates near 2^53 and above come out as multiples of 2^k, leaving a vector's low bits
+    noise-free: a plan asking for such a rate is refused before the device commits."""
+    from dataclasses import replace
+
+    grid = LoopbackGrid(config)
+    p = plan(privacy="distributed", noise_multiplier=2e5, lr=0.5, num_negatives=4)
+    t = tables(num_items=config.synthetic_items, dim=config.embedding_dim)
+    with pytest.raises(PlanError, match="draws exactly"):
+        training_mechanism(p, t.num_items, t.dim, 6)
+    mechanism = training_mechanism(replace(p, noise_multiplier=1.0), t.num_items, t.dim, 6)  # the server's side
+    replies, total, _ = run_secure_sum(grid, config, 1, "train", {P.TABLES: arrays_record(P.tables_to_arrays(t)),
+                                                                  P.PLAN: P_config(p)},
+                                       {100 + k: [f"sim-{k}"] for k in range(DEVICES)}, mechanism, nonce=0,
+                                       message_type="train", epsilon_budget=config.epsilon_budget)
+    assert total is None and not replies.trained
+    assert all(r.has_error() and r.error.reason == "bad-plan" for r in grid.received["keys"])
+    assert all(FileStateStore(f"{config.state_dir}/sim-{k}.json").load() is None for k in range(DEVICES))
