@@ -7,15 +7,15 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from fedrec.shared.data.interactions import DataError, DeviceEvents
 from fedrec.shared.device import Device, DeviceSettings
 from fedrec.shared.eval_release import EvaluationPlan
 from fedrec.shared.policy import PrivacyPolicy
 from fedrec.shared.privacy.accounting import epsilon
 from fedrec.shared.state import DeviceState, FileStateStore, StateError
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from tests.helpers import plan, tables
 
 EVENTS = DeviceEvents(items=np.arange(8, dtype=np.int64), times=np.arange(8, dtype=np.int64) * 10,
@@ -141,7 +141,7 @@ def test_the_row_user_mode_fits_exactly_never_starts_a_record_level_round(tmp_pa
 def test_a_failure_while_training_is_charged_so_it_cannot_be_repeated_for_free(tmp_path, monkeypatch):
     """A server can shape a plan so training fails (memory) only above some data size; the round is charged
     before the data is read, so each such probe costs the same budget as a round that trained."""
-    import fedrec.shared.training as training
+    from fedrec.shared import training
 
     def out_of_memory(*args, **kwargs):
         raise MemoryError("the plan's tensors do not fit")

@@ -6,11 +6,16 @@ import math
 
 import numpy as np
 import pytest
-from scipy.stats import skellam
-
-from fedrec.shared.distributed_dp import (GRID_INFLATION, SumMechanism, accounted_multiplier, distributed_entries,
-                                          skellam_rdp, to_modular)
+from fedrec.shared.distributed_dp import (
+    GRID_INFLATION,
+    SumMechanism,
+    accounted_multiplier,
+    distributed_entries,
+    skellam_rdp,
+    to_modular,
+)
 from fedrec.shared.privacy.accounting import RDP_ORDERS, rdp_curve
+from scipy.stats import skellam
 
 
 def exact_skellam_divergence(alpha: float, variance: float, shift: int) -> float:
@@ -117,9 +122,8 @@ def test_an_evaluation_release_is_also_user_level_and_a_popularity_report_is_not
 def test_poisson_draws_above_the_exact_rate_keep_uniform_low_bits():
     """numpy draws Poisson in double precision: at 2^55 every draw is a multiple of 4 or 8, so a noised value's
     low bits would be the exact quantised value. exact_poisson sums exact draws instead."""
-    from scipy.stats import chisquare
-
     from fedrec.shared.distributed_dp import exact_poisson
+    from scipy.stats import chisquare
 
     rng = np.random.default_rng(7)
     assert np.all(rng.poisson(2.0**55, 256) % 4 == 0)  # the failure mode this guards against

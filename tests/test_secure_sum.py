@@ -7,8 +7,6 @@ import json
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
-
 from fedrec.client.app import build_client_app
 from fedrec.client.nodes import open_node
 from fedrec.server.secagg import run_secure_sum
@@ -19,6 +17,8 @@ from fedrec.shared.distributed_dp import GridSum
 from fedrec.shared.plans import PlanError
 from fedrec.shared.secure_release import training_mechanism
 from fedrec.shared.state import FileStateStore
+from flwr.app import Context, Message, RecordDict
+
 from tests.helpers import message, plan, tables
 from tests.test_messages import arrays_record
 
@@ -280,9 +280,8 @@ def test_popularity_sums_hold_at_least_half_a_round_of_devices():
 def test_a_plan_that_does_not_share_out_its_noise_is_refused_by_every_secure_stage(config, privacy, dp):
     """A local plan in a secure sum would carry 1/t of the noise its accounting assumes (and a plan without DP
     none): each stage refuses it before the device commits, and nothing is read or charged."""
-    from flwr.app import ConfigRecord
-
     from fedrec.shared.popularity import PopularityPlan
+    from flwr.app import ConfigRecord
 
     grid = LoopbackGrid(config)
     prior = PopularityPlan(server_round=0, dp=dp, noise_multiplier=2.0 if dp else 0.0, delta=1e-5, privacy=privacy)
