@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # torch and Opacus: imported where a device trains (train_dev
 
 COHORT_BYTES = 64 * 2**20  # stacked item tables per cohort pass
 MIN_DISTINCT_ITEMS = 3  # one for training at least, one validation, one test
-MAX_REFUSALS_KEPT = 100  # the state keeps the latest refusals only: a server cannot grow it without bound
+MAX_REFUSALS_KEPT = 100  # the state keeps the latest refusals and declines only: a server cannot grow it at will
 
 
 class NonFiniteUpdate(RuntimeError):
@@ -140,7 +140,7 @@ class Device:
             self.store.save(state)
             return self._outcome(state, plan, declined=True, refused=rule)
         if plan.dp and self._past_budget(plan, state, t_min):
-            state = replace(state, declined=(*state.declined, plan.server_round))
+            state = replace(state, declined=(*state.declined, plan.server_round)[-MAX_REFUSALS_KEPT:])
             self.store.save(state)
             return self._outcome(state, plan, declined=True)
         return None
@@ -165,9 +165,10 @@ class Device:
         verdict = self.admit(plan, state)
         if verdict is not None:
             return verdict, None
+        outcome = self.commit(plan, state)  # charged before the data is read (see train_devices)
         report = noisy_indicator(self.split.train_items, self.split.train_weights, num_items, plan=plan,
                                  seed=_noise_seed(self.settings.seed, [self.device_key], plan.server_round, nonce))
-        return self.commit(plan, state), report
+        return outcome, report
 
     def evaluate(self, plan: EvaluationPlan, tables: ItemTables, *,
                  nonce: int = 0) -> tuple[TrainOutcome, dict[str, float] | None]:
@@ -176,12 +177,15 @@ class Device:
         verdict = self.admit(plan, state)
         if verdict is not None:
             return verdict, None
+        # Charged before the data is read: a failure while ranking (the server shapes the tables' size) is
+        # never free to repeat.
+        outcome = self.commit(plan, state)
         row = refit_user_row(tables, self.split.train_items, self.split.train_weights, l2=plan.refit_l2)
         ranked = rank_scores(tables.scores(row[None]), [self.split], target="test")
         exact = {k: float(ranked[k][0]) for k in RELEASED_METRICS}
         rng = np.random.default_rng(_noise_seed(self.settings.seed, [self.device_key], plan.server_round, nonce,
                                                 salt=EVAL_NOISE_SALT))
-        return self.commit(plan, state), noisy_metrics(exact, plan, rng)
+        return outcome, noisy_metrics(exact, plan, rng)
 
     def user_row(self, state: DeviceState, dim: int, plan: LocalTrainingPlan | None = None) -> np.ndarray:
         """The row a round starts from: in 'user' mode the exactly fitted one (if any), otherwise only the row
@@ -298,9 +302,9 @@ def report_popularity_sum(devices: Sequence[Device], plan: PopularityPlan, num_i
             if verdict is not None:
                 outcomes.append(verdict)
                 continue
+            outcomes.append(device.commit(plan, state, t_min=t_min))  # charged before the data is read
             secure.add(indicator(device.split.train_items, device.split.train_weights, num_items,
                                  unit_norm=plan.privacy == "user"))
-            outcomes.append(device.commit(plan, state, t_min=t_min))
         return outcomes, None
     for device in devices:
         outcome, counts = device.report_popularity(plan, num_items, nonce=nonce)

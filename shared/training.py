@@ -121,6 +121,7 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
     positives = [torch.from_numpy(d.items.astype(np.int64)) for d in data]
     weights = [torch.from_numpy(d.weights.astype(np.float32)) for d in data]
     examples_used = np.zeros(k_devices, dtype=np.int64)
+    exact: dict[str, torch.Tensor] = {}  # distributed: the noise-free item step, in float64 (see below)
     expected_batch = max(int(plan.sample_rate * sum(len(d.items) for d in data)), 1)
     for phase, (which, steps, sigma) in enumerate(_phases(plan)):
         groups = []
@@ -156,14 +157,27 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
                 loss = criterion(module(users, batch_items), batch_weights)
                 loss.backward()
             optimizer.step()
+            if plan.dp and plan.privacy == "distributed" and which == "items":
+                # The step that goes into the secure sum carries no noise here, so its delta is taken as exactly
+                # -lr x the clipped gradient sum, in float64: a difference of float32 tables would add rounding
+                # that grows with the table values the server sent, beyond the sensitivity lr x C.
+                for name, param in (("embedding", model.item_embedding.weight), ("bias", model.item_bias.weight)):
+                    step = torch.zeros(param.shape, dtype=torch.float64) if param.grad is None else \
+                        -plan.lr * param.grad.detach().double()
+                    exact[name] = exact[name] + step if name in exact else step
         if module is not model:
             module.remove_hooks()
 
     new_users = model.user_values()
-    emb = model.item_embedding.weight.detach().numpy().reshape(k_devices, n_items, items.dim)
-    bias = model.bias_values().reshape(k_devices, n_items)
-    return CohortUpdate(user_rows=new_users, embedding_delta=emb - items.embedding[None],
-                        bias_delta=bias - items.bias[None],
+    if exact:
+        embedding_delta = exact["embedding"].numpy().reshape(k_devices, n_items, items.dim)
+        bias_delta = plan.bias_scale * exact["bias"].numpy().reshape(k_devices, n_items) if plan.train_biases \
+            else np.zeros((k_devices, n_items))
+    else:
+        emb = model.item_embedding.weight.detach().numpy().reshape(k_devices, n_items, items.dim)
+        embedding_delta = emb - items.embedding[None]
+        bias_delta = model.bias_values().reshape(k_devices, n_items) - items.bias[None]
+    return CohortUpdate(user_rows=new_users, embedding_delta=embedding_delta, bias_delta=bias_delta,
                         histories=[compact_history(a.history) for a in accountants], examples_used=examples_used)
 
 

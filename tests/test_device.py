@@ -99,6 +99,21 @@ def test_an_evaluation_release_is_noised_and_charged(tmp_path):
     assert not all(0.0 <= v <= 1.0 for v in metrics.values()) or eval_plan.metric_std > 1  # noise of std 8.7
 
 
+def test_an_evaluation_that_fails_after_admission_is_charged(tmp_path, monkeypatch):
+    """The server shapes the tables an evaluation ranks with: a failure there (memory) is charged like a release,
+    since the charge is written before the data is read."""
+    from fedrec.shared import device as device_module
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("the tables do not fit")
+
+    monkeypatch.setattr(device_module, "refit_user_row", out_of_memory)
+    d = device(tmp_path / "s.json")
+    with pytest.raises(MemoryError):
+        d.evaluate(EvaluationPlan(server_round=1, dp=True, noise_multiplier=5.0, delta=1e-5, refit_l2=1.0), tables())
+    assert FileStateStore(tmp_path / "s.json").load().history == ((5.0, 1.0, 1),)
+
+
 def test_all_zero_tables_do_not_reveal_the_number_of_distinct_items(tmp_path):
     """With all-zero tables every unseen item ties, so the exact hr@10 would be 10 / #unseen: the release is not."""
     from fedrec.shared.model import ItemTables

@@ -137,3 +137,22 @@ def test_fast_embedding_norms_equal_opacus():
         ours = lookup_norms(layer, [ids], grads)[layer.weight]
         theirs = compute_embedding_norm_sample(layer, [ids], grads)[layer.weight]
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("train_biases", [False, True])
+def test_the_distributed_item_step_is_exact_whatever_the_table_values(mode, train_biases):
+    """Distributed mode sends the noise-free item step into the sum: it must be -lr x the clipped gradient sum
+    (|delta| <= lr C n), not a difference of float32 tables, whose rounding at values a server may send (1000:
+    steps of 6e-5) would swamp a step of lr C = 1e-6 and leave the accounted sensitivity behind."""
+    from fedrec.shared.model import ItemTables
+
+    base = tables(num_items=20, dim=4)
+    t = ItemTables(embedding=(base.embedding + 1000.0).astype(np.float32), bias=(base.bias + 1000.0).astype(np.float32))
+    p = plan(privacy="distributed", noise_multiplier=1.0, user_noise_multiplier=2.0, clip_norm=1e-3, lr=1e-3,
+             grad_sample_mode=mode, train_biases=train_biases, num_negatives=3)
+    update = train_cohort(p, t, np.ones((1, 4), np.float32), [data([1, 2, 3, 4])], [[]], noise_seed=0)
+    raw_bias = update.bias_delta / p.bias_scale
+    norm = np.sqrt(np.sum(update.embedding_delta.astype(np.float64) ** 2) + np.sum(raw_bias.astype(np.float64) ** 2))
+    assert 0 < norm <= 1e-3 * 1e-3 * 4 * (1 + 1e-6)
+    assert train_biases or not update.bias_delta.any()
