@@ -17,7 +17,7 @@ from fedrec.shared.data.population import open_population, shard_members
 from fedrec.shared.device import Device, DeviceSettings
 from fedrec.shared.policy import PrivacyPolicy, read_policy_file, simulated_policy
 from fedrec.shared.model import ItemTables
-from fedrec.shared.state import DeviceState, FileStateStore, atomic_write, save_item_model
+from fedrec.shared.state import DeviceState, FileStateStore, SlotStateStore, atomic_write, save_item_model
 
 STATE_RECORD = "fedrec-device-state"
 DEPLOYED_KEYS = ("data-path", "catalogue-path", "state-path")
@@ -101,7 +101,7 @@ class SimulatedNode:
 
     def _device(self, device_id: str) -> Device:
         cfg = self.config
-        store = (FileStateStore(Path(cfg.state_dir) / f"{device_id}.json", durable=False) if cfg.state_dir
+        store = (SlotStateStore(Path(cfg.state_dir), device_id) if cfg.state_dir
                  else ContextStateStore(self.context, device_id))
         settings = DeviceSettings(embedding_dim=cfg.embedding_dim, init_scale=cfg.init_scale, seed=cfg.seed)
         key = self.keys[device_id]

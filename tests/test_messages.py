@@ -9,7 +9,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from fedrec.client.app import build_client_app
 from fedrec.server.replies import sort_eval_replies, sort_train_replies
 from fedrec.shared import protocol as P
-from fedrec.shared.state import FileStateStore
+from fedrec.shared.state import SlotStateStore
 from tests.helpers import message, plan, tables
 
 
@@ -51,7 +51,7 @@ def test_train_reply_carries_only_the_item_delta_and_epsilon(small_config):
         assert set(reply.content[P.DELTA].keys()) == {P.EMBEDDING_DELTA, P.BIAS_DELTA}
         assert set(reply.content[P.REPORT].keys()) == {"declined", "epsilon", "epsilon-subverted", "clipped"}
         assert dict(reply.content[P.DEVICE]) == {P.DEVICE_IDS: ["sim-3"], P.REFUSED: [""]}
-        user_row = FileStateStore(f"{small_config.state_dir}/sim-3.json").load().user_row
+        user_row = SlotStateStore(small_config.state_dir, "sim-3").load().user_row
         floats = all_floats(reply)
         # no coordinate of the private user row appears anywhere in what the device sent
         assert not np.isin(user_row.astype(np.float32), floats.astype(np.float32)).any()
@@ -73,7 +73,7 @@ def test_evaluate_reply_carries_only_noised_metrics_and_is_charged(small_config)
     assert not reply.content.array_records
     assert set(reply.content[P.METRICS].keys()) == {"hr@10", "ndcg@10", "recall@20"}
     assert all(len(v) == 1 for v in reply.content[P.METRICS].values())
-    assert FileStateStore(f"{small_config.state_dir}/sim-5.json").load().history == ((5.0, 1.0, 1),)
+    assert SlotStateStore(small_config.state_dir, "sim-5").load().history == ((5.0, 1.0, 1),)
     assert reply.content[P.REPORT]["epsilon"][0] > 0
 
 

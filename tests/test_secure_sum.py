@@ -16,7 +16,7 @@ from fedrec.shared.device import train_devices
 from fedrec.shared.distributed_dp import GridSum
 from fedrec.shared.plans import PlanError
 from fedrec.shared.secure_release import training_mechanism
-from fedrec.shared.state import FileStateStore
+from fedrec.shared.state import SlotStateStore
 from flwr.app import Context, Message, RecordDict
 
 from tests.helpers import message, plan, tables
@@ -145,7 +145,7 @@ def test_a_round_that_cannot_be_decrypted_aborts_before_anyone_trains(config):
     _, _, _, replies, total, shares = secure_round(config, grid, t_min=6)
     assert total is None and not replies.trained and "masked" not in grid.received
     for k in range(DEVICES):  # nobody trained, nobody was charged
-        state = FileStateStore(f"{config.state_dir}/sim-{k}.json").load()
+        state = SlotStateStore(config.state_dir, f"sim-{k}").load()
         assert state is None or not state.history
 
 
@@ -204,14 +204,14 @@ def test_a_secure_mode_run_states_both_figures_and_its_audit_recomputes_them(tmp
 def test_a_replayed_masked_request_neither_trains_nor_charges_again(config):
     grid = LoopbackGrid(config)
     secure_round(config, grid, t_min=6)
-    state = FileStateStore(f"{config.state_dir}/sim-0.json").load()
+    state = SlotStateStore(config.state_dir, "sim-0").load()
     first = grid.received["masked"][0]
     assert first.content[P.DEVICE][P.DEVICE_IDS] == ["sim-0"]
     request = next(m for m in grid.sent if m.metadata.message_type.endswith("masked") and m.metadata.dst_node_id == 100)
     reply = grid.client(message(request.content, dst=100, message_type=request.metadata.message_type),
                         grid.contexts[100])
     assert reply.has_error() and reply.error.reason == "secure-aggregation"
-    again = FileStateStore(f"{config.state_dir}/sim-0.json").load()
+    again = SlotStateStore(config.state_dir, "sim-0").load()
     assert (again.rounds, again.history) == (state.rounds, state.history)
 
 
@@ -228,7 +228,7 @@ def test_a_deployed_style_node_refuses_a_secure_plan_outside_the_protocol(config
                           P.COHORT: ConfigRecord({P.DEVICE_IDS: ["sim-1"], P.NONCE: 0, P.THRESHOLD: 10**9})})
     reply = grid.client(message(content, dst=101, message_type="train"), grid.contexts[101])
     assert reply.has_error() and reply.error.reason == "bad-message"
-    assert FileStateStore(f"{config.state_dir}/sim-1.json").load() is None  # nothing trained, nothing charged
+    assert SlotStateStore(config.state_dir, "sim-1").load() is None  # nothing trained, nothing charged
 
 
 def test_a_device_refuses_a_mode_its_policy_leaves_out(config):
@@ -293,7 +293,7 @@ def test_a_plan_that_does_not_share_out_its_noise_is_refused_by_every_secure_sta
         # keys: the plan itself is refused; later stages find no session this plan could belong to
         assert reply.has_error() and (stage != "keys" or reply.error.reason == "bad-message"), stage
     assert "fedrec-secagg-session" not in grid.contexts[102].state
-    assert FileStateStore(f"{config.state_dir}/sim-2.json").load() is None
+    assert SlotStateStore(config.state_dir, "sim-2").load() is None
 
 
 def test_a_noise_multiplier_beyond_exact_sampling_is_refused_at_the_key_stage(config):
@@ -313,4 +313,4 @@ def test_a_noise_multiplier_beyond_exact_sampling_is_refused_at_the_key_stage(co
                                        message_type="train", epsilon_budget=config.epsilon_budget)
     assert total is None and not replies.trained
     assert all(r.has_error() and r.error.reason == "bad-plan" for r in grid.received["keys"])
-    assert all(FileStateStore(f"{config.state_dir}/sim-{k}.json").load() is None for k in range(DEVICES))
+    assert all(SlotStateStore(config.state_dir, f"sim-{k}").load() is None for k in range(DEVICES))

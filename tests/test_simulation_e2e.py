@@ -76,18 +76,18 @@ def test_no_background_process_is_left(finished_run):
 
 def test_resume_continues_rounds_ledger_and_budgets(tmp_path):
     from fedrec.shared.config import RunConfig
-    from fedrec.shared.state import FileStateStore
+    from fedrec.shared.state import SlotStateStore
 
     config = RunConfig(devices=10, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=10,
                        embedding_dim=4, num_negatives=4, rounds=2, devices_per_round=10, eval_every=5,
                        noise_multiplier=3.0, prior_noise_multiplier=1.0, out_dir=str(tmp_path / "run"))
     simulate(config)
-    before = FileStateStore(tmp_path / "run" / "device-state" / "sim-0.json").load()
+    before = SlotStateStore(tmp_path / "run" / "device-state", "sim-0").load()
     assert before.rounds == (0, 1, 2)  # round 0: the popularity report
     with pytest.raises(Exception, match="already holds a run"):
         simulate(config.replace(rounds=3))
     summary = simulate(config.replace(rounds=3, resume=True))
-    after = FileStateStore(tmp_path / "run" / "device-state" / "sim-0.json").load()
+    after = SlotStateStore(tmp_path / "run" / "device-state", "sim-0").load()
     assert after.rounds == (0, 1, 2, 3)
     assert dict(((s, q), n) for s, q, n in after.history) == {(1.0, 1.0): 1, (3.0, 1.0): 3, (6.0, 1.0): 3}
     ledger = read_jsonl(tmp_path / "run" / "ledger.jsonl")
