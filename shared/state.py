@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import os
-import re
 import tempfile
 import zipfile
 from dataclasses import dataclass, field
@@ -22,7 +21,6 @@ from .privacy.accounting import HistoryEntry, normalize_history
 STATE_FORMAT = 1
 
 log = logging.getLogger("fedrec.state")
-SLOT_HEAD = re.compile(rb'\{"seq": (\d+), ')  # a slot's write counter, read before its checksum is checked
 
 
 class StateError(RuntimeError):
@@ -95,10 +93,14 @@ def _head(seq: int | None, digest: str) -> bytes:
     return b"{" + counter + b'"sha256": "%s", "state": ' % digest.encode()
 
 
+def _not_a_number(constant: str) -> None:
+    raise ValueError(f"{constant} in a stored state (states are written without NaN or Infinity)")
+
+
 def _unseal(raw: bytes, *, source: str) -> tuple[int | None, DeviceState]:
     """(the slot's write counter, or None for a single file; the state), checksum verified."""
     try:
-        doc = json.loads(raw.decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"), parse_constant=_not_a_number)
         payload, seq, digest = doc["state"], doc.get("seq"), doc["sha256"]
         if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool)):
             raise ValueError(f"seq {seq!r} is not an integer")
@@ -126,7 +128,8 @@ def _unseal(raw: bytes, *, source: str) -> tuple[int | None, DeviceState]:
             not_user_level=bool(payload.get("not_user_level", bool(payload["history"]))))
     except StateError:
         raise
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as err:
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, OverflowError,
+            RecursionError) as err:
         raise StateError(f"{source}: unreadable device state ({type(err).__name__}: {err}); refusing to "
                          "train, since starting over would reset the privacy budget") from None
 
@@ -176,12 +179,17 @@ class SlotStateStore:
     A cohort node writes about two states per device per round (the write-ahead charge, then the commit).
     Creating a temporary file and renaming it over the old one costs ~0.2 ms on an ext4 disk, overwriting a
     file in place ~0.01 ms, and at 100 devices per round the renames were most of what a Flower round cost
-    beyond the training itself. Each write goes to the slot not holding the newest state, sealed with a write
-    counter under its checksum; a load takes the newest intact slot. A write cut off part way (the process
-    killed) leaves that slot damaged and the other one intact, so the device resumes from the state before
-    the cut-off write, as it would after an atomic rename that never happened. No intact slot (both
-    damaged, or the only one written) is a StateError, as a damaged single file is. Not flushed to disk: a simulation has no power loss to survive (a
-    deployed device keeps FileStateStore, whose cost is nothing beside its process start).
+    beyond the training itself.
+
+    Each write goes to the slot not holding the newest state, sealed with a write counter under its
+    checksum; a load decodes both and takes the intact one with the higher counter. A write cut off part
+    way (the process killed) leaves that slot damaged and the other one intact, so the device resumes from
+    the state before the cut-off write, as after an atomic rename that never happened (a newer slot
+    damaged any other way reads the same). A slot that cannot be read (an OSError) is a StateError, never
+    passed over; so is having no intact slot: both damaged, or the only one written, which a write cut off
+    during a device's very first save also leaves (the device then stops, as one with a damaged single
+    file does). Not flushed to disk: a simulation has no power loss to survive. A deployed device keeps
+    FileStateStore, whose cost is nothing beside its process start.
     """
 
     def __init__(self, folder: Path | str, device_id: str) -> None:
@@ -191,7 +199,7 @@ class SlotStateStore:
         self._seq: int | None = None  # the newest slot's counter, once loaded or saved
 
     def load(self) -> DeviceState | None:
-        found: list[tuple[int, str, bytes]] = []
+        intact: list[tuple[int, DeviceState]] = []
         damaged: list[str] = []
         for path in self.slots:
             try:
@@ -199,14 +207,8 @@ class SlotStateStore:
                     raw = fh.read()
             except FileNotFoundError:
                 continue
-            except OSError as err:
-                damaged.append(f"{path}: cannot read ({err})")
-                continue
-            head = SLOT_HEAD.match(raw)
-            found.append((int(head[1]) if head else -1, path, raw))
-        # Only the newest intact slot is decoded. A write cut off part way can show the newer counter in its
-        # head, so a slot that fails its checksum hands over to the other one.
-        for _, path, raw in sorted(found, key=lambda f: f[0], reverse=True):
+            except OSError as err:  # unreadable is not damaged: it may hold the newest state, so never pass it over
+                raise StateError(f"{path}: cannot read device state ({err})") from None
             try:
                 seq, state = _unseal(raw, source=path)
             except StateError as err:
@@ -214,7 +216,10 @@ class SlotStateStore:
                 continue
             if seq is None or seq < 0:
                 damaged.append(f"{path}: no write counter (not a slot file)")
-                continue
+            else:
+                intact.append((seq, state))
+        if intact:
+            seq, state = max(intact, key=lambda found: found[0])
             if damaged:
                 log.warning("device %s: a state slot is damaged (a write cut off part way?); resuming from "
                             "write %d: %s", self.device_id, seq, damaged[0])
@@ -222,9 +227,10 @@ class SlotStateStore:
             return state
         if damaged:
             raise StateError(f"device {self.device_id}: no intact copy of its state ({'; '.join(damaged)})")
-        self._seq = -1
         # A run directory written before the slots: resume from its single file.
-        return FileStateStore(Path(self.folder) / f"{self.device_id}.json").load()
+        state = FileStateStore(Path(self.folder) / f"{self.device_id}.json").load()
+        self._seq = -1  # only once that read succeeded: a save after a failed load must not start over
+        return state
 
     def save(self, state: DeviceState) -> None:
         if self._seq is None:

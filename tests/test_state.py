@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -91,3 +92,56 @@ def test_a_state_file_from_before_the_slots_is_resumed_from(tmp_path):
 def _same(a: DeviceState | None, b: DeviceState) -> bool:
     assert a is not None
     return a.to_bytes() == b.to_bytes()
+
+
+def test_a_slot_that_cannot_be_read_is_refused_never_passed_over(tmp_path):
+    """An unreadable slot may hold the newest state: falling back to the other, and then overwriting the
+    unreadable one on the next save, would drop a charge for good."""
+    store = SlotStateStore(tmp_path, "sim-7")
+    store.save(state(1))
+    store.save(state(2))  # write 1, slot 1: the newest
+    newest = tmp_path / "sim-7.1.json"
+    newest.rename(tmp_path / "kept")
+    newest.mkdir()  # reading it now fails with an OSError (IsADirectoryError), as EIO or EMFILE would
+    with pytest.raises(StateError, match="cannot read device state"):
+        SlotStateStore(tmp_path, "sim-7").load()
+    newest.rmdir()
+    (tmp_path / "kept").rename(newest)
+    assert _same(SlotStateStore(tmp_path, "sim-7").load(), state(2))
+
+
+def test_slots_are_ranked_by_the_counter_under_the_checksum_not_by_their_layout(tmp_path):
+    store = SlotStateStore(tmp_path, "sim-7")
+    store.save(state(1))
+    store.save(state(2))  # write 1, slot 1
+    newest = tmp_path / "sim-7.1.json"
+    newest.write_text(json.dumps(json.loads(newest.read_text()), indent=2))  # someone pretty-printed it
+    again = SlotStateStore(tmp_path, "sim-7")
+    assert _same(again.load(), state(2))
+    again.save(state(3))  # into slot 0, over the older state
+    assert json.loads((tmp_path / "sim-7.0.json").read_text())["seq"] == 2
+    assert _same(SlotStateStore(tmp_path, "sim-7").load(), state(3))
+
+
+def test_a_failed_load_never_lets_the_same_store_start_over(tmp_path):
+    (tmp_path / "sim-7.json").write_bytes(b'{"sha256": "0", "state": {}}')  # a damaged single file
+    store = SlotStateStore(tmp_path, "sim-7")
+    with pytest.raises(StateError):
+        store.load()
+    with pytest.raises(StateError):
+        store.save(state(1))  # the save loads again, and refuses again
+    assert not list(tmp_path.glob("sim-7.*.json"))
+
+
+def test_numbers_no_state_holds_are_state_errors_not_crashes(tmp_path):
+    """Sealed with a valid checksum (it is a checksum, not a signature), values out of range still never crash."""
+    payload = state(1).payload()
+    body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    for old, new in ((b'"user_row":[1.0', b'"user_row":[' + b"9" * 400), (b'"user_row":[1.0', b'"user_row":[NaN'),
+                     (b'"rounds":[1]', b'"rounds":[' + b"9" * 5000 + b"]")):
+        crafted = body.replace(old, new, 1)
+        assert crafted != body
+        digest = hashlib.sha256(b"0:" + crafted).hexdigest()
+        (tmp_path / "sim-7.0.json").write_bytes(b'{"seq": 0, "sha256": "%s", "state": ' % digest.encode() + crafted + b"}")
+        with pytest.raises(StateError, match="no intact copy"):
+            SlotStateStore(tmp_path, "sim-7").load()
