@@ -138,11 +138,13 @@ def run_cell(cell: Cell, *, rounds: int, engine: str, verbose: bool = False) -> 
         wall = time.time() - called
         records = RunRecords(Path(config.out_dir))
         train = [e for e in records.read_jsonl(METRICS) if e.get("kind") == "train"]
-        first = next(e for e in records.read_jsonl(LEDGER) if e.get("kind") == "train" and e["round"] == 1)
-    # Round 1 began `seconds` before its metrics line; the ledger line (wall clock) comes just before that,
-    # after the replies and before apply + checkpoint, so startup is short by those milliseconds. It
-    # covers Ray's start, the nodes' registration and the popularity-prior round.
-    startup = first["time"] - train[0]["seconds"] - called
+        sent = next(e for e in records.read_jsonl(LEDGER)
+                    if e.get("kind") == "train" and e["round"] == 1 and e.get("status") == "sent")
+    # Round 1's write-ahead ledger line (wall clock) is written as its requests go out, milliseconds after the
+    # round began (sampling, the plan). Startup, up to then, covers Ray's start, the nodes' registration and
+    # the popularity-prior round. (It was taken from that line minus round 1's time, as if the line came after
+    # the replies: short by round 1's time, and below zero where round 1 outlasted startup.)
+    startup = sent["time"] - called
     flower_round = statistics.median(e["seconds"] for e in train[1:])
     plain_round = statistics.median(plain.round_seconds[1:])
     trained = statistics.mean(e["trained"] for e in train[1:])
