@@ -206,7 +206,12 @@ class Device:
 
     def commit(self, plan: Plan, state: DeviceState, user_row: np.ndarray | None = None,
                history: Sequence[HistoryEntry] | None = None, t_min: int = 0) -> TrainOutcome:
-        """Store the release atomically (new user row, the four histories with its cost); returns the outcome.
+        """Store the release (`charge`) and return its outcome, with the epsilons the device reports."""
+        return self._outcome(self.charge(plan, state, user_row, history, t_min), plan, declined=False)
+
+    def charge(self, plan: Plan, state: DeviceState, user_row: np.ndarray | None = None,
+               history: Sequence[HistoryEntry] | None = None, t_min: int = 0) -> DeviceState:
+        """Store the release atomically (new user row, the four histories with its cost); returns the new state.
 
         `user_row`: the row the release trained (None: unchanged); a 'user' plan's goes to `user_row_exact`.
         `history`: the record-level history Opacus's accountant composed in local mode (the same steps).
@@ -225,7 +230,7 @@ class Device:
             not_user_level=state.not_user_level or cost.user is None,
             rounds=(*state.rounds, plan.server_round), non_private=state.non_private or not cost.private)
         self.store.save(new_state)
-        return self._outcome(new_state, plan, declined=False)
+        return new_state
 
 
 def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: ItemTables, *,
@@ -259,7 +264,7 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
             # Write-ahead: the round is charged before any data is read, so a failure while training (an error, or
             # the process killed for memory, which a server can steer through the plan's shape) is never free to
             # repeat. The commit after training starts from the same state: the same charge, plus the new row.
-            devices[j].commit(plan, states[j], None, t_min=t_min)
+            devices[j].charge(plan, states[j], None, t_min=t_min)  # its outcome is the commit's, below
         update = train_cohort(plan, tables, np.stack([devices[j].user_row(states[j], tables.dim, plan)
                                                       for j in cohort]),
                               [devices[j].training_data(plan, nonce) for j in cohort],
@@ -269,7 +274,7 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
             # Defence in depth (inputs are bounded on arrival): the steps are spent, nothing non-finite is kept or
             # sent, since a NaN pattern would show which rows a device's data touched.
             for row, j in enumerate(cohort):
-                devices[j].commit(plan, states[j], None, update.histories[row], t_min=t_min)
+                devices[j].charge(plan, states[j], None, update.histories[row], t_min=t_min)
             raise NonFiniteUpdate(f"round {plan.server_round}: training produced non-finite values; nothing sent")
         for row, j in enumerate(cohort):
             outcome = devices[j].commit(plan, states[j], update.user_rows[row], update.histories[row], t_min=t_min)
