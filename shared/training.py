@@ -22,7 +22,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
+
+from . import opacus_lean  # noqa: F401 - first: defers opacus's package __init__ (see there)
+
+# isort: split
+from opacus.accountants.rdp import RDPAccountant
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping

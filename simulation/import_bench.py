@@ -8,8 +8,9 @@ hello (`query`), a popularity report (`train.popularity`), an evaluation release
 a DP train message, for one deployed device prepared in a temporary folder (a fresh state folder
 per process, so no run is declined for budget). It prints, with each one's difference to the
 do-nothing app: the wall time from process start to exit; the time until the reply is ready
-(the interpreter's teardown at exit, ~1 s once torch and Opacus are loaded, comes after the
-reply has been handed to Flower); and the heavy modules each process loaded.
+(the interpreter's teardown at exit comes after the reply has been handed to Flower; a deployed
+handler freezes the heap for it, client/app.py, which took it from ~1 s to ~0.15 s once torch is
+loaded); and the heavy modules each process loaded.
 
     python -m fedrec.simulation.import_bench [--repeats 5] [--json FILE]
 

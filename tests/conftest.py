@@ -8,6 +8,7 @@ for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "
                      "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}.items():
     os.environ.setdefault(_key, _value)
 
+import gc  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -24,6 +25,23 @@ def small_config(tmp_path) -> RunConfig:
     return RunConfig(devices=12, synthetic_items=40, synthetic_topics=4, synthetic_mean_events=12,
                      embedding_dim=4, num_negatives=4, rounds=3, devices_per_round=6, eval_every=2,
                      eval_devices=6, out_dir=str(tmp_path / "run"), state_dir=str(tmp_path / "state"))
+
+
+@pytest.fixture(autouse=True)
+def thawed_heap():
+    """A deployed handler called in this process freezes the heap for its exit (client/app.py); thaw it after."""
+    yield
+    gc.unfreeze()
+
+
+@pytest.fixture
+def server_process_identity(monkeypatch):
+    """A ServerApp's messages carry its run id, which Flower sets in the server process; the test is that process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def read_jsonl(path: Path) -> list[dict]:

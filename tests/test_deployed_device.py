@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
@@ -58,6 +60,20 @@ def test_a_device_trains_from_its_own_file_and_its_budget_survives_a_restart(pre
     second = build_client_app(CONFIG)(train_request(t, 2), node_context(prepared, state))
     eps2 = second.content[P.REPORT]["epsilon"][0]
     assert eps2 > eps1 > 0
+
+
+def test_a_deployed_reply_freezes_the_heap_for_the_exit_and_the_next_message_thaws_it(prepared, tmp_path):
+    """Flower 1.42 ends a deployed ClientApp process after one reply: frozen objects spare its exit the cycle
+    collections (import_bench: wall - reply). A process that answers again must collect as usual."""
+    app = build_client_app(CONFIG)
+    hello = message(RecordDict(), dst=7, message_type="query")
+    gc.unfreeze()
+    assert not app(hello, node_context(prepared, tmp_path / "state")).has_error()
+    assert gc.get_freeze_count() > 0
+    simulated = Context(run_id=1, node_id=7, node_config={"partition-id": 0, "num-partitions": 1},
+                        state=RecordDict(), run_config={})
+    app(hello, simulated)  # a simulation's worker answers many messages: it must not keep the heap frozen
+    assert gc.get_freeze_count() == 0
 
 
 def test_a_corrupt_state_stops_the_device_instead_of_resetting_its_budget(prepared, tmp_path, caplog):

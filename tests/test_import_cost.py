@@ -105,3 +105,58 @@ def test_a_deployed_serverapp_imports_neither_torch_nor_opacus():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "[]"
+
+
+def _fresh(code: str) -> list:
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+REGISTRIES = ("sorted(k.__name__ for k in GradSampleModule.GRAD_SAMPLERS)",
+              "sorted(k.__name__ for k in GradSampleModuleFastGradientClipping.NORM_SAMPLERS)")
+SAMPLER_CLASSES = "from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping\n"
+
+
+def test_training_loads_opacus_without_its_package_init_and_the_same_samplers():
+    """shared/opacus_lean.py defers opacus/__init__ (PrivacyEngine, every accountant: scipy.stats); the modules
+    training uses must still register every grad and norm sampler a plain `import opacus` does."""
+    lean = _fresh("import json, sys\nimport fedrec.shared.training\n"
+                  + SAMPLER_CLASSES +
+                  f"print(json.dumps([sorted(m for m in ('opacus.privacy_engine', 'scipy.stats', "
+                  f"'opacus.accountants.gdp') if m in sys.modules), {', '.join(REGISTRIES)}]))")
+    plain = _fresh("import json\nimport opacus\nimport fedrec.shared.training\n" + SAMPLER_CLASSES +
+                   f"print(json.dumps([[], {', '.join(REGISTRIES)}]))")
+    assert lean[0] == [], f"the training path ran Opacus's package __init__ after all: {lean[0]}"
+    assert lean[1:] == plain[1:]
+    assert "Embedding" in lean[1]
+
+
+def test_a_deferred_opacus_package_runs_its_init_on_first_use():
+    """Anything that later needs the rest of Opacus in the same process gets it, as from a plain import."""
+    got = _fresh("import json\nimport fedrec.shared.training\nimport opacus\n"
+                 "from opacus import PrivacyEngine\nfrom opacus.accountants import GaussianAccountant, RDPAccountant\n"
+                 "from opacus.accountants.rdp import RDPAccountant as Same\n"
+                 "print(json.dumps([opacus.__version__, PrivacyEngine.__module__, GaussianAccountant.__module__, "
+                 "RDPAccountant is Same]))")
+    assert got == ["1.6.0", "opacus.privacy_engine", "opacus.accountants.gdp", True]
+    with pytest.raises(AssertionError, match="has no attribute 'no_such_name'"):
+        _fresh("import fedrec.shared.training, opacus\nopacus.no_such_name")
+
+
+def test_a_deferred_opacus_init_that_fails_is_run_again_and_threads_wait_for_it():
+    """As with a plain import: a failed __init__ leaves the package importable later, and a thread that reads the
+    package while another runs its __init__ waits for it instead of seeing half a module."""
+    got = _fresh("import json, sys, threading\nimport fedrec.shared.training\nimport opacus\n"
+                 "sys.modules['opacus.data_loader'] = None  # the next import of it fails\n"
+                 "try:\n    from opacus import PrivacyEngine\n    first = 'imported'\n"
+                 "except ImportError:\n    first = 'failed'\n"
+                 "del sys.modules['opacus.data_loader']\n"
+                 "got = []\n"
+                 "def read():\n"
+                 "    from opacus import PrivacyEngine\n"
+                 "    got.append(PrivacyEngine.__name__)\n"
+                 "threads = [threading.Thread(target=read) for _ in range(4)]\n"
+                 "[t.start() for t in threads]; [t.join() for t in threads]\n"
+                 "print(json.dumps([first, got, opacus.__version__]))")
+    assert got == ["failed", ["PrivacyEngine"] * 4, "1.6.0"]

@@ -56,7 +56,8 @@ def _rdp_one_step(noise_multiplier: float, sample_rate: float) -> np.ndarray:
     elif sample_rate >= 1.0:
         curve = orders / (2.0 * noise_multiplier**2)  # the Gaussian mechanism, sensitivity 1
     else:
-        from opacus.accountants.analysis import rdp as subsampled  # imports torch: only for q < 1
+        from .. import opacus_lean  # noqa: F401 - defers opacus's package __init__ (see there)
+        from opacus.accountants.analysis import rdp as subsampled  # only for q < 1
 
         curve = np.asarray(subsampled.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1,
                                                   orders=list(RDP_ORDERS)), dtype=np.float64)

@@ -14,6 +14,10 @@ several times faster. Long lookups fall back to Opacus's sampler.
 from __future__ import annotations
 
 import torch
+
+from .. import opacus_lean  # noqa: F401 - first: defers opacus's package __init__ (see there)
+
+# isort: split
 from opacus.grad_sample import register_grad_sampler, register_norm_sampler
 from opacus.grad_sample.embedding import compute_embedding_grad_sample
 from opacus.grad_sample.embedding_norm_sample import compute_embedding_norm_sample
