@@ -58,6 +58,7 @@ from .core import (
     sample_devices,
     update_bound,
 )
+from .exchange import send_and_receive
 from .records import LEDGER, METRICS, Checkpoint, RunRecords
 from .registry import DeviceRegistry, grid_is_simulated
 from .replies import (Asked, TrainReplies, sort_eval_replies, sort_grid_replies, sort_popularity_replies,
@@ -187,7 +188,7 @@ class Federation:
                                         P.COHORT: _cohort(devices, nonce=nonce)}),
                             dst_node_id=node, message_type=P.POPULARITY_MESSAGE, ttl=cfg.round_timeout)
                     for node, devices in asked.items()]
-        replies = sort_popularity_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
+        replies = sort_popularity_replies(send_and_receive(self.grid, messages, timeout=cfg.round_timeout), asked,
                                           self.num_items, dp=cfg.dp, epsilon_budget=self.reply_budget)
         self._record_round(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), asked, replies,
                            popularity_record(plan, num_items=self.num_items), nonce=nonce)
@@ -285,7 +286,7 @@ class Federation:
                                         P.COHORT: _cohort(devices, nonce=nonce, delta_clip=bound)}),
                             dst_node_id=node, message_type="train", ttl=cfg.round_timeout)
                     for node, devices in asked.items()]
-        replies = sort_train_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
+        replies = sort_train_replies(send_and_receive(self.grid, messages, timeout=cfg.round_timeout), asked,
                                      self.model.tables, dp=cfg.dp, epsilon_budget=self.reply_budget,
                                      delta_clip=bound)
         central = central_record(cfg, population=population, contributors=len(replies.trained))
@@ -360,7 +361,7 @@ class Federation:
             record = ConfigRecord({P.DEVICE_IDS: devices, P.NONCE: nonce, P.THRESHOLD: mechanism.t_min})
             messages.append(Message(RecordDict({**content, P.COHORT: record}), dst_node_id=node,
                                     message_type=message_type, ttl=cfg.round_timeout))
-        replies = sort_grid_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
+        replies = sort_grid_replies(send_and_receive(self.grid, messages, timeout=cfg.round_timeout), asked,
                                     mechanism.dimension, dp=cfg.dp, epsilon_budget=self.reply_budget)
         parts = replies.ordered_parts(asked)
         shares = sum(count for _, count in parts)
@@ -388,7 +389,7 @@ class Federation:
                                         P.COHORT: _cohort(devices, nonce=nonce)}),
                             dst_node_id=node, message_type="evaluate", ttl=cfg.round_timeout)
                     for node, devices in asked.items()]
-        replies = sort_eval_replies(self.grid.send_and_receive(messages, timeout=cfg.round_timeout), asked,
+        replies = sort_eval_replies(send_and_receive(self.grid, messages, timeout=cfg.round_timeout), asked,
                                     dp=cfg.dp, epsilon_budget=self.reply_budget)
         self._record_round(server_round, "evaluate", plan.to_config(), plan.privacy_steps(), asked, replies,
                            nonce=nonce)

@@ -15,6 +15,8 @@ from flwr.serverapp import Grid
 
 from fedrec.shared import protocol as P
 
+from .exchange import send_and_receive
+
 log = logging.getLogger("fedrec.server")
 
 
@@ -54,8 +56,8 @@ class DeviceRegistry:
         new = sorted(online - set(self.devices_on))
         if not new:
             return
-        replies = self.grid.send_and_receive(
-            [Message(RecordDict(), dst_node_id=node, message_type="query") for node in new], timeout=self.hello_timeout)
+        replies = send_and_receive(self.grid, [Message(RecordDict(), dst_node_id=node, message_type="query")
+                                               for node in new], timeout=self.hello_timeout)
         for reply in replies:
             node = reply.metadata.src_node_id
             try:

@@ -26,6 +26,7 @@ from fedrec.shared.config import RunConfig
 from fedrec.shared.distributed_dp import SumMechanism
 from fedrec.shared.secagg import SecAggError, ServerSession, SessionParams
 
+from .exchange import send_and_receive
 from .replies import Asked, TrainReplies, sort_secure_stage
 
 log = logging.getLogger("fedrec.server")
@@ -58,7 +59,7 @@ def run_secure_sum(grid: Grid, config: RunConfig, server_round: int, kind: str, 
             records[SECAGG] = ConfigRecord({"stage": stage, **((extra or {}).get(node, {}))})
             messages.append(Message(RecordDict(records), dst_node_id=node, message_type=MESSAGE_TYPES[stage],
                                     ttl=config.round_timeout))
-        replies = grid.send_and_receive(messages, timeout=config.round_timeout)
+        replies = send_and_receive(grid, messages, timeout=config.round_timeout)
         return sort_secure_stage(replies, {n: asked[n] for n in nodes}, out, stage=stage, dp=config.dp,
                                  epsilon_budget=epsilon_budget)
 

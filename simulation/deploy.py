@@ -36,6 +36,10 @@ log = logging.getLogger("fedrec.deploy")
 CONNECTION = "fedrec-local"
 START_TIMEOUT_S = 60.0
 NODES_TIMEOUT_S = 120.0  # SuperNodes reconnect with a backoff after a SuperLink restart
+# How often Flower's SuperExec (in the SuperLink and in each SuperNode) looks for a message waiting for an app process
+# (default 1 s): every message of a deployment starts one, so each wave waited up to 1 s before its process started.
+SUPEREXEC_POLL_INTERVAL_S = 0.25
+REGISTER_AT_ONCE = 4  # `flwr supernode register` processes at a time (each ~1 s of CPU and ~100 MB)
 
 
 def _toml_value(value: Any) -> str:
@@ -55,7 +59,7 @@ class LocalDeployment:
         bin_dir = Path(sys.executable).parent
         self.tool = {name: str(bin_dir / name) for name in ("flower-superlink", "flower-supernode", "flwr")}
         self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-                    "FLWR_TELEMETRY_ENABLED": "0"}
+                    "FLWR_TELEMETRY_ENABLED": "0", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": str(SUPEREXEC_POLL_INTERVAL_S)}
 
     def __enter__(self) -> LocalDeployment:
         for folder in (self.logs, self.home):
@@ -123,11 +127,37 @@ class LocalDeployment:
     def node_keys(self, name: str) -> tuple[Path, Path]:
         return write_node_keys(self.out / "credentials" / "supernodes", name)
 
-    def register(self, public_key: Path) -> None:
-        done = subprocess.run([self.tool["flwr"], "supernode", "register", str(public_key), CONNECTION],
-                              env=self.env, capture_output=True, text=True, timeout=120)
-        if done.returncode != 0 or "registered" not in done.stdout:
-            raise RuntimeError(f"registering {public_key.name} failed: {done.stdout[-500:]}{done.stderr[-500:]}")
+    def register(self, public_keys: list[Path]) -> None:
+        """Register the SuperNodes' public keys with the SuperLink, a few at a time (one `flwr` process each, ~1 s)."""
+        failed: list[str] = []
+        for start in range(0, len(public_keys), REGISTER_AT_ONCE):
+            failed += self._register_batch(public_keys[start:start + REGISTER_AT_ONCE])
+        if failed:
+            raise RuntimeError("registering SuperNode keys failed: " + "; ".join(failed))
+
+    def _register_batch(self, public_keys: list[Path], *, timeout: float = 120.0) -> list[str]:
+        running: list[tuple[Path, subprocess.Popen]] = []
+        failed = []
+        try:
+            for key in public_keys:
+                running.append((key, subprocess.Popen([self.tool["flwr"], "supernode", "register", str(key),
+                                                       CONNECTION], env=self.env, stdout=subprocess.PIPE,
+                                                      stderr=subprocess.PIPE, text=True)))
+            deadline = time.monotonic() + timeout
+            for key, process in running:
+                try:
+                    stdout, stderr = process.communicate(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    stdout, stderr = process.communicate()
+                if process.returncode != 0 or "registered" not in stdout:
+                    failed.append(f"{key.name}: {stdout[-500:]}{stderr[-500:]}")
+        finally:  # an interrupt or a failed start leaves none of them behind
+            for _, process in running:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+        return failed
 
     def start_supernode(self, name: str, private_key: Path, node_config: dict[str, Any]) -> subprocess.Popen:
         assert self.tls is not None
@@ -297,9 +327,10 @@ def start_devices(deployment: LocalDeployment, data: DeploymentData,
     (the run config the server sends cannot change it). Returns name -> (private key, node config).
     """
     nodes = {}
+    keys = {path: deployment.node_keys(f"device-{path.stem}") for path in data.devices}
+    deployment.register([public for _, public in keys.values()])
     for path in data.devices:
-        private, public = deployment.node_keys(f"device-{path.stem}")
-        deployment.register(public)
+        private, _ = keys[path]
         state = deployment.out / "devices" / path.stem
         state.mkdir(parents=True, exist_ok=True)
         node_config = {"data-path": str(path), "catalogue-path": str(data.catalogue), "state-path": str(state),

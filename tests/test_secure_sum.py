@@ -51,14 +51,7 @@ class LoopbackGrid:
         return replies
 
 
-@pytest.fixture(autouse=True)
-def server_process_identity(monkeypatch):
-    """A ServerApp's messages carry its run id, which Flower sets in the server process; this test is that process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+pytestmark = pytest.mark.usefixtures("server_process_identity")  # conftest.py: this test is the server process
 
 
 @pytest.fixture
