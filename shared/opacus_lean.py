@@ -2,13 +2,14 @@
 
 `import opacus.grad_sample` first runs opacus/__init__.py, which imports the PrivacyEngine and with it every
 accountant (GDP and PRV need scipy.stats), data loader and module validator; opacus/accountants/__init__.py does the
-same for `opacus.accountants.analysis.rdp`. fedrec uses Opacus's per-sample gradients, DP optimizers, RDP accountant
-and RDP analysis, never the PrivacyEngine, and a deployed device pays every import once per train message (Flower 1.42
-starts a fresh ClientApp process per message): measured here, Opacus costs 1.65 s through its __init__ and 0.85 s
-without it, and the interpreter's teardown at exit shrinks with it.
+same for `opacus.accountants.analysis.rdp`, and opacus/optimizers/__init__.py imports every optimizer (the FSDP ones
+pull in torch.distributed checkpointing) for `opacus.optimizers.optimizer`. fedrec uses Opacus's per-sample gradients,
+DP optimizers and RDP analysis, never the PrivacyEngine, and a deployed device pays every import once per train
+message (Flower 1.42 starts a fresh ClientApp process per message): measured here after torch, a plain `import opacus`
+takes 1.39 s and `import fedrec.shared.training` 0.58 s (docs/deploy.md, Costs).
 
-Importing this module puts those two packages into `sys.modules` with their __init__ deferred, not skipped: the
-modules below them import as usual (each subpackage's own __init__ runs, so every grad sampler registers), and the
+Importing this module puts those packages into `sys.modules` with their __init__ deferred, not skipped: the modules
+below them import as usual (each other subpackage's own __init__ runs, so every grad sampler registers), and the
 first read of an attribute the package itself defines (`from opacus import PrivacyEngine`, `opacus.__version__`) runs
 the real __init__ there and then. A package already imported is left as it is.
 """
@@ -20,7 +21,7 @@ import sys
 import threading
 from typing import Any
 
-DEFERRED = ("opacus", "opacus.accountants")  # parents first: finding a subpackage imports its parent
+DEFERRED = ("opacus", "opacus.accountants", "opacus.optimizers")  # parents first: finding one imports its parent
 
 _lock = threading.RLock()
 

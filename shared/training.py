@@ -26,10 +26,9 @@ import torch
 from . import opacus_lean  # noqa: F401 - first: defers opacus's package __init__ (see there)
 
 # isort: split
-from opacus.accountants.rdp import RDPAccountant
 from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientClipping
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+from opacus.optimizers.optimizer import DPOptimizer
+from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 
 from .model import ItemTables
 from .model_torch import MatrixFactorization, SampledSoftmaxLoss
@@ -118,9 +117,7 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
         torch.from_numpy(np.tile(items.bias, k_devices)),
         num_items=n_items, user_scale=plan.user_scale, bias_scale=plan.bias_scale,
     )
-    accountants = [RDPAccountant() for _ in data]
-    for accountant, history in zip(accountants, histories):
-        accountant.history = [tuple(h) for h in history]
+    new_histories: list[list[HistoryEntry]] = [[tuple(h) for h in history] for history in histories]
     generators = [torch.Generator().manual_seed(_seed_int(d.seed)) for d in data]
     positives = [torch.from_numpy(d.items.astype(np.int64)) for d in data]
     weights = [torch.from_numpy(d.weights.astype(np.float32)) for d in data]
@@ -150,7 +147,7 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
                                                          clip_norm=plan.clip_norm, mode=mode,
                                                          noise_seed=noise_seed + phase)
             if not shared_out:
-                optimizer.attach_step_hook(_accounting_hook(accountants, sigma, plan.sample_rate))
+                optimizer.attach_step_hook(_accounting_hook(new_histories, sigma, plan.sample_rate))
         for _ in range(steps):
             users, batch_items, batch_weights = _sample_step(plan, positives, weights, generators, n_items)
             examples_used += np.bincount(users.numpy(), minlength=k_devices)
@@ -182,13 +179,18 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
         embedding_delta = emb - items.embedding[None]
         bias_delta = model.bias_values().reshape(k_devices, n_items) - items.bias[None]
     return CohortUpdate(user_rows=new_users, embedding_delta=embedding_delta, bias_delta=bias_delta,
-                        histories=[compact_history(a.history) for a in accountants], examples_used=examples_used)
+                        histories=[compact_history(h) for h in new_histories], examples_used=examples_used)
 
 
-def _accounting_hook(accountants: Sequence[RDPAccountant], sigma: float, sample_rate: float) -> Any:
+def _accounting_hook(histories: Sequence[list[HistoryEntry]], sigma: float, sample_rate: float) -> Any:
+    """Called by the DP optimizer after each noised step: one step of (sigma, q) for every device.
+
+    (What Opacus's RDPAccountant.step records; its history is all fedrec needs of it, and the epsilon comes from
+    shared/privacy/accounting.py. Its module would import all of opacus.optimizers, FSDP optimizers included.)
+    """
     def account(_: Any) -> None:
-        for accountant in accountants:
-            accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
+        for history in histories:
+            history.append((sigma, sample_rate, 1))
 
     return account
 
@@ -199,10 +201,13 @@ def make_private(model: MatrixFactorization, optimizer: torch.optim.Optimizer, c
     """Wrap model, optimizer and loss as Opacus's PrivacyEngine.make_private does, with the server's exact q.
 
     (make_private derives q from the data loader's length; the server fixes q instead, so
-    the same Opacus pieces are assembled here and the accountant is stepped with that q.)
+    the same Opacus pieces are assembled here and the devices' histories are stepped with that q.)
     """
     generator = torch.Generator().manual_seed(noise_seed)
     if mode == "ghost":
+        # Its module imports all of opacus.optimizers (FSDP included, ~0.2 s): only where ghost clipping is used.
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
         module = GradSampleModuleFastGradientClipping(model, batch_first=True, loss_reduction=loss_reduction,
                                                       max_grad_norm=clip_norm, use_ghost_clipping=True)
         dp_optimizer = DPOptimizerFastGradientClipping(optimizer, noise_multiplier=sigma, max_grad_norm=clip_norm,

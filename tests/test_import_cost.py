@@ -124,7 +124,8 @@ def test_training_loads_opacus_without_its_package_init_and_the_same_samplers():
     lean = _fresh("import json, sys\nimport fedrec.shared.training\n"
                   + SAMPLER_CLASSES +
                   f"print(json.dumps([sorted(m for m in ('opacus.privacy_engine', 'scipy.stats', "
-                  f"'opacus.accountants.gdp') if m in sys.modules), {', '.join(REGISTRIES)}]))")
+                  f"'opacus.accountants.gdp', 'opacus.optimizers.fsdpoptimizer_fast_gradient_clipping') "
+                  f"if m in sys.modules), {', '.join(REGISTRIES)}]))")
     plain = _fresh("import json\nimport opacus\nimport fedrec.shared.training\n" + SAMPLER_CLASSES +
                    f"print(json.dumps([[], {', '.join(REGISTRIES)}]))")
     assert lean[0] == [], f"the training path ran Opacus's package __init__ after all: {lean[0]}"
@@ -137,9 +138,12 @@ def test_a_deferred_opacus_package_runs_its_init_on_first_use():
     got = _fresh("import json\nimport fedrec.shared.training\nimport opacus\n"
                  "from opacus import PrivacyEngine\nfrom opacus.accountants import GaussianAccountant, RDPAccountant\n"
                  "from opacus.accountants.rdp import RDPAccountant as Same\n"
+                 "from opacus.optimizers import DPOptimizer, DistributedDPOptimizer\n"
+                 "from fedrec.shared.training import DPOptimizer as Ours\n"
                  "print(json.dumps([opacus.__version__, PrivacyEngine.__module__, GaussianAccountant.__module__, "
-                 "RDPAccountant is Same]))")
-    assert got == ["1.6.0", "opacus.privacy_engine", "opacus.accountants.gdp", True]
+                 "RDPAccountant is Same, DPOptimizer is Ours, DistributedDPOptimizer.__module__]))")
+    assert got == ["1.6.0", "opacus.privacy_engine", "opacus.accountants.gdp", True, True,
+                   "opacus.optimizers.ddpoptimizer"]
     with pytest.raises(AssertionError, match="has no attribute 'no_such_name'"):
         _fresh("import fedrec.shared.training, opacus\nopacus.no_such_name")
 
