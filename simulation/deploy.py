@@ -102,9 +102,21 @@ class LocalDeployment:
         _reap_group(process.pid)
         log.info("stopped %s (pid %d)", name, process.pid)
 
-    def stop_all(self) -> None:
+    def stop_all(self, *, grace: float = 15.0) -> None:
+        """SIGTERM to every process group at once, then wait for each (SIGKILL after `grace`): one shutdown wait."""
+        for process in self.processes.values():
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
         for name in list(self.processes):
-            self.stop(name)
+            process = self.processes[name]
+            try:
+                process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+            self.stop(name, sig=signal.SIGKILL)  # reaps the group; a no-op signal where it has exited
 
     def start_superlink(self) -> None:
         assert self.tls is not None
