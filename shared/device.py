@@ -251,6 +251,8 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
     from .training import train_cohort  # torch and Opacus: the one path that needs them
 
     _secure_plan_only(plan, secure)
+    if any(d.policy.exact_clipping for d in devices):  # how the device clips is its own choice, not the plan's
+        plan = replace(plan, grad_sample_mode="hooks")
 
     states = [d.load_state() for d in devices]
     outcomes: list[TrainOutcome | None] = [device.admit(plan, state, t_min) for device, state in zip(devices, states)]

@@ -22,6 +22,10 @@ class PlanError(ValueError):
 # extreme scales could otherwise overflow the loss, and a non-finite clip factor survives clipping and noise.
 SCALE_RANGE = (1e-3, 1e3)  # user-scale, bias-scale
 MAX_LR = 1e3  # lr, user-lr, user-step-cap, clip-norm
+# Below this a clip norm reaches float32's subnormal range, where C itself, the clip factor and every clipped
+# coordinate round to a coarse grid while the noise is drawn for the exact C: a review made one example move the
+# release 5x C with C near 1e-45. Received tables are bounded (protocol.MAX_TABLE_ABS), so C / norm stays normal.
+MIN_CLIP_NORM = 1e-3
 MAX_NOISE_MULTIPLIER = 1e6
 MAX_NEGATIVES = 10_000
 PLAN_MODES = ("local", "distributed", "user")
@@ -63,13 +67,14 @@ class LocalTrainingPlan:
             "sample_rate": 0 < self.sample_rate <= 1, "num_negatives": 1 <= self.num_negatives <= MAX_NEGATIVES,
             "noise_multiplier": (self.noise_multiplier > 0 or not self.dp) and
                                 0 <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER,
-            "clip_norm": 0 < self.clip_norm <= MAX_LR,
+            "clip_norm": MIN_CLIP_NORM <= self.clip_norm <= MAX_LR,
             "delta": 0 < self.delta < 1, "grad_sample_mode": self.grad_sample_mode in ("hooks", "ghost", "auto"),
             "privacy": self.privacy in PLAN_MODES,
             # distributed: one item step, after user-row steps with their own (local) noise
             "steps": self.steps >= 1 and (self.privacy != "distributed" or self.steps == 1),
             "user_steps": self.user_steps >= 0 and (self.privacy != "distributed" or self.user_steps >= 1),
-            "update_clip": (0 < self.update_clip <= MAX_LR) if self.privacy == "user" else self.update_clip == 0,
+            "update_clip": (MIN_CLIP_NORM <= self.update_clip <= MAX_LR) if self.privacy == "user"
+                           else self.update_clip == 0,
         }
         for name, ok in checks.items():
             if not ok:

@@ -54,6 +54,10 @@ class PrivacyPolicy:
                                                           "enforced at the mode's unit (user level in 'user'), so a "
                                                           "device that wants its budget read at the record level "
                                                           "only leaves 'user' out")
+    exact_clipping: bool = _rule(False, "clip every example from the very gradient it applies (Opacus hooks), never "
+                                        "with ghost clipping, whose norm and applied gradient come from two float32 "
+                                        "passes that can disagree where a gradient nearly cancels; the item tables' "
+                                        "per-example gradients are then dense (batch x items x dim floats)")
     max_subverted_epsilon: float = _rule(0.0, "a cap on its epsilon against a server that subverts secure "
                                               "aggregation (local noise share only): it declines a round past it "
                                               "(0 = no cap; the figure is always reported)")

@@ -140,8 +140,13 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
         # 'user': no per-example DP at all (the whole item update is clipped and noised in the secure sum);
         # 'distributed': the item step is clipped per example here, its noise is the device's share in the sum.
         if plan.dp and plan.privacy != "user":
+            # The user row is clipped from per-example gradients it actually receives (hooks), whatever the plan
+            # asks: ghost clipping measures norms in one float32 pass and applies a second, and where an example's
+            # user-row gradient cancels (a server can send tables that make it) the two leftovers differ, by up
+            # to 2.5x C in a review. Its dense per-example gradient is small: one row per device.
             rows = k_devices * (n_items if which != "user" else 1)
-            mode = choose_grad_sample_mode(plan.grad_sample_mode, batch=expected_batch, rows=rows, dim=items.dim)
+            requested = "hooks" if which == "user" else plan.grad_sample_mode
+            mode = choose_grad_sample_mode(requested, batch=expected_batch, rows=rows, dim=items.dim)
             shared_out = plan.privacy == "distributed" and which == "items"
             module, optimizer, criterion = make_private(model, optimizer, criterion, sigma=0.0 if shared_out else sigma,
                                                          clip_norm=plan.clip_norm, mode=mode,

@@ -196,3 +196,17 @@ def test_the_cap_on_the_subverted_figure_declines_exactly_when_the_next_sum_woul
         assert outcome.epsilon_subverted <= d.policy.max_subverted_epsilon
     assert declined == [False, False, True]
     assert outcome.epsilon_subverted == pytest.approx(after[1])
+
+
+@pytest.mark.parametrize("exact", [False, True])
+def test_a_device_that_wants_exact_clipping_never_uses_ghost_clipping(tmp_path, monkeypatch, exact):
+    """Its policy, not the plan, decides: with exact-clipping every block clips per example (hooks)."""
+    from fedrec.shared import training
+
+    modes = []
+    real = training.make_private
+    monkeypatch.setattr(training, "make_private", lambda *a, mode, **k: modes.append(mode) or real(*a, mode=mode, **k))
+    outcome = device(tmp_path / "s.json", exact_clipping=exact).train(plan(grad_sample_mode="ghost", user_steps=1),
+                                                                        tables())
+    assert not outcome.declined
+    assert modes == (["hooks", "hooks"] if exact else ["hooks", "ghost"])

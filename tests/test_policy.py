@@ -162,6 +162,10 @@ HOSTILE_REQUESTS = {
     "infinite user scale": ("plan", {"user_scale": float("inf")}, "bad-plan", "not finite"),
     "vanishing user scale": ("plan", {"user_scale": 1e-40}, "bad-plan", "user_scale=1e-40 is out of range"),
     "infinite noise": ("plan", {"noise_multiplier": float("inf")}, "bad-plan", "not finite"),
+    # in float32's subnormal range C, the clip factor and the clipped sum round coarsely: one example moved the
+    # release 5x C in a review, while the noise was drawn for the exact C
+    "subnormal clip norm": ("plan", {"clip_norm": 7e-46}, "bad-plan", "clip_norm=7e-46 is out of range"),
+    "clip norm below the floor": ("plan", {"clip_norm": 1e-4}, "bad-plan", "clip_norm=0.0001 is out of range"),
     "NaN delta clip": ("clip", float("nan"), "bad-message", "delta-clip-norm"),
 }
 
