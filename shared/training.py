@@ -140,12 +140,13 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
         # 'user': no per-example DP at all (the whole item update is clipped and noised in the secure sum);
         # 'distributed': the item step is clipped per example here, its noise is the device's share in the sum.
         if plan.dp and plan.privacy != "user":
-            # The user row is clipped from per-example gradients it actually receives (hooks), whatever the plan
-            # asks: ghost clipping measures norms in one float32 pass and applies a second, and where an example's
-            # user-row gradient cancels (a server can send tables that make it) the two leftovers differ, by up
-            # to 2.5x C in a review. Its dense per-example gradient is small: one row per device.
+            # A block that trains the user row clips from the per-example gradients it actually applies (hooks),
+            # whatever the plan asks: ghost clipping measures norms in one float32 pass and applies a second, and
+            # where an example's user-row gradient cancels (a server can send tables that make it) the two
+            # leftovers differ, by up to 2.4x C in a review. The user block's dense gradient is one row per device;
+            # one block for everything (user-steps = 0) makes it dense over the item tables too.
             rows = k_devices * (n_items if which != "user" else 1)
-            requested = "hooks" if which == "user" else plan.grad_sample_mode
+            requested = "hooks" if which in ("user", "all") else plan.grad_sample_mode
             mode = choose_grad_sample_mode(requested, batch=expected_batch, rows=rows, dim=items.dim)
             shared_out = plan.privacy == "distributed" and which == "items"
             module, optimizer, criterion = make_private(model, optimizer, criterion, sigma=0.0 if shared_out else sigma,

@@ -72,16 +72,18 @@ def test_each_example_is_clipped(mode, user_steps):
 @pytest.mark.parametrize("requested", ["ghost", "auto"])
 def test_the_user_row_is_clipped_from_the_gradients_it_receives_whatever_the_plan_asks(monkeypatch, requested):
     """Ghost clipping measures norms and applies gradients in two float32 passes; where an example's user-row gradient
-    cancels (tables a server can craft) the two disagree. The user block always uses per-example gradients."""
+    cancels (tables a server can craft) the two disagree. A block that trains the user row uses per-example
+    gradients."""
     from fedrec.shared import training
 
     modes = []
     real = training.make_private
     monkeypatch.setattr(training, "make_private", lambda *a, mode, **k: modes.append(mode) or real(*a, mode=mode, **k))
     monkeypatch.setattr(training, "HOOKS_MEMORY_LIMIT_BYTES", 0)  # 'auto' would take ghost for any size
-    p = plan(noise_multiplier=1.0, grad_sample_mode=requested, user_steps=1)
-    train_cohort(p, tables(), np.ones((1, 4), np.float32), [data([1, 2, 3, 4])], [[]], noise_seed=0)
-    assert modes == ["hooks", "ghost"]  # the user block, then the item block as asked
+    for user_steps in (1, 0):
+        p = plan(noise_multiplier=1.0, grad_sample_mode=requested, user_steps=user_steps)
+        train_cohort(p, tables(), np.ones((1, 4), np.float32), [data([1, 2, 3, 4])], [[]], noise_seed=0)
+    assert modes == ["hooks", "ghost", "hooks"]  # user block, item block as asked; one block for both: hooks
 
 
 def test_poisson_sampling_uses_the_rate():
