@@ -37,6 +37,7 @@ from fedrec.shared.popularity import PopularityPlan
 from fedrec.shared.state import StateError
 
 from .nodes import open_node
+from .records import devices_record, report
 
 log = logging.getLogger("fedrec.client")
 
@@ -50,23 +51,6 @@ ERROR_CODES: tuple[tuple[type[BaseException], str], ...] = (
 
 def _arrays(record: ArrayRecord) -> dict:
     return {key: array.numpy() for key, array in record.items()}
-
-
-def _devices_record(devices: list[Device], outcomes: list[TrainOutcome] | None = None) -> ConfigRecord:
-    record: dict = {P.DEVICE_IDS: [d.device_id for d in devices]}
-    if outcomes is not None:
-        record[P.REFUSED] = [o.refused for o in outcomes]  # policy rule names: from the plan, not the data
-    return ConfigRecord(record)
-
-
-def _report(outcomes: list[TrainOutcome], clipped: int | None = None) -> MetricRecord:
-    """Per-device public figures: declined flags and cumulative epsilons (computed from public plans and
-    histories); `clipped` (a local-mode node's count of clipped updates) only where the server sees updates."""
-    report = {"declined": [int(o.declined) for o in outcomes], "epsilon": [float(o.epsilon) for o in outcomes],
-              "epsilon-subverted": [float(o.epsilon_subverted) for o in outcomes]}
-    if clipped is not None:
-        report["clipped"] = clipped
-    return MetricRecord(report)
 
 
 def error_code(err: BaseException) -> str:
@@ -86,14 +70,14 @@ def handle_train(message: Message, context: Context, config: RunConfig) -> Messa
     if plan.privacy in SECURE_MODES:
         _modelled_sums_only(node)
         return _modelled_sum(message, devices, plan, training_mechanism(
-            plan, tables.num_items, tables.dim, P.threshold(message.content[P.COHORT])),
-            lambda grid, t: train_devices(devices, plan, tables, secure=grid, t_min=t,
-                                          nonce=P.nonce(message.content[P.COHORT])))
+            plan, tables.num_items, tables.dim, *P.threshold(message.content[P.COHORT])),
+            lambda grid: train_devices(devices, plan, tables, secure=grid, t_min=grid.mechanism.t_min,
+                                       colluders=grid.mechanism.colluders, nonce=P.nonce(message.content[P.COHORT])))
     total = PartialSum.zeros(tables.num_items, tables.dim)
     clip = P.delta_clip(message.content[P.COHORT])
     outcomes = train_devices(devices, plan, tables, into=total, delta_clip=clip,
                              nonce=P.nonce(message.content[P.COHORT]))
-    content = RecordDict({P.REPORT: _report(outcomes, total.clipped), P.DEVICE: _devices_record(devices, outcomes)})
+    content = RecordDict({P.REPORT: report(outcomes, total.clipped), P.DEVICE: devices_record(devices, outcomes)})
     if total.count:
         content[P.DELTA] = ArrayRecord({k: Array(v) for k, v in P.delta_to_arrays(total.embedding,
                                                                                   total.bias).items()})
@@ -107,11 +91,12 @@ def handle_popularity(message: Message, context: Context, config: RunConfig) -> 
     if plan.dp and plan.privacy in SECURE_MODES:
         _modelled_sums_only(node)
         return _modelled_sum(message, devices, plan, popularity_mechanism(
-            plan, node.num_items, P.threshold(message.content[P.COHORT])),
-            lambda grid, t: report_popularity_sum(devices, plan, node.num_items, secure=grid, t_min=t,
-                                                  nonce=P.nonce(message.content[P.COHORT]))[0])
+            plan, node.num_items, *P.threshold(message.content[P.COHORT])),
+            lambda grid: report_popularity_sum(devices, plan, node.num_items, secure=grid, t_min=grid.mechanism.t_min,
+                                               colluders=grid.mechanism.colluders,
+                                               nonce=P.nonce(message.content[P.COHORT]))[0])
     outcomes, total = report_popularity_sum(devices, plan, node.num_items, nonce=P.nonce(message.content[P.COHORT]))
-    content = RecordDict({P.REPORT: _report(outcomes), P.DEVICE: _devices_record(devices, outcomes)})
+    content = RecordDict({P.REPORT: report(outcomes), P.DEVICE: devices_record(devices, outcomes)})
     if total is not None:
         content[P.COUNTS] = ArrayRecord({P.ITEM_COUNTS: Array(total.astype(np.float32))})
     return Message(content, reply_to=message)
@@ -128,7 +113,7 @@ def handle_evaluate(message: Message, context: Context, config: RunConfig) -> Me
     outcomes = [outcome for outcome, _ in results]
     released = [metrics for _, metrics in results if metrics is not None]
     # Metrics of the devices that released, in the order asked; nothing for those that refused or declined.
-    content = RecordDict({P.REPORT: _report(outcomes), P.DEVICE: _devices_record(devices, outcomes)})
+    content = RecordDict({P.REPORT: report(outcomes), P.DEVICE: devices_record(devices, outcomes)})
     if released:
         content[P.METRICS] = MetricRecord({k: [m[k] for m in released] for k in RELEASED_METRICS})
     return Message(content, reply_to=message)
@@ -142,13 +127,13 @@ def _modelled_sums_only(node: object) -> None:
 
 
 def _modelled_sum(message: Message, devices: list[Device], plan: LocalTrainingPlan | PopularityPlan,
-                  mechanism: SumMechanism, run: Callable[[GridSum, int], list[TrainOutcome]]) -> Message:
+                  mechanism: SumMechanism, run: Callable[[GridSum], list[TrainOutcome]]) -> Message:
     """Cohort engine, distributed and user modes: the node's devices' vectors on the grid, summed, plus one draw
     of all their noise shares (exactly the distribution of per-device draws). Secure aggregation is modelled,
     not enforced: a node speaks for many devices. Nothing per device leaves but its public figures."""
     grid = GridSum.zeros(mechanism)
-    outcomes = run(grid, mechanism.t_min)
-    content = RecordDict({P.REPORT: _report(outcomes), P.DEVICE: _devices_record(devices, outcomes)})
+    outcomes = run(grid)
+    content = RecordDict({P.REPORT: report(outcomes), P.DEVICE: devices_record(devices, outcomes)})
     if grid.count:
         rng = np.random.default_rng(share_seed(devices, plan.server_round, P.nonce(message.content[P.COHORT])))
         content[P.GRID] = ArrayRecord({P.GRID_SUM: Array(grid.noised(rng))})
@@ -193,7 +178,7 @@ def build_client_app(config: RunConfig | None = None, *, mods: list[Mod] | None 
     from . import secagg  # the stages of a real secure sum (distributed and user modes, one device per node)
 
     for stage, handler in secagg.HANDLERS.items():
-        client_app.train(f"secagg_{stage}")(_guarded(handler, config))
+        client_app.train(P.SECAGG_MESSAGE_TYPES[stage].split(".", 1)[1])(_guarded(handler, config))
     return client_app
 
 

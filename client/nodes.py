@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 from pathlib import Path
@@ -17,18 +18,79 @@ from fedrec.shared.data.population import open_population, shard_members
 from fedrec.shared.device import Device, DeviceSettings
 from fedrec.shared.policy import PrivacyPolicy, read_policy_file, simulated_policy
 from fedrec.shared.model import ItemTables
-from fedrec.shared.state import DeviceState, FileStateStore, SlotStateStore, atomic_write, save_item_model
+from fedrec.shared.state import (DeviceState, FileStateStore, SlotStateStore, atomic_write, file_lock,
+                                 in_process_lock, save_item_model)
 
 STATE_RECORD = "fedrec-device-state"
-DEPLOYED_KEYS = ("data-path", "catalogue-path", "state-path")
-OPTIONAL_KEYS = ("device-id", "policy-path")
+DEPLOYED_KEYS = ("data-path", "catalogue-path", "state-path", "device-id")
+OPTIONAL_KEYS = ("policy-path", "identity-key", "identity-cert")
 STATE_FILE, MODEL_FILE, NODE_FILE = "state.json", "item-model.npz", "node.json"
+
+
+Enrolment = tuple[Any, Any]  # (DeviceIdentity, the pinned authority's Ed25519PublicKey); see shared/identity.py
+SESSION_STATE = "fedrec-secagg-session"  # simulation: the Context state record of a device's secure-sum session
+SESSION_FILE = "secagg-session.json"  # deployment: the session file in the device's state folder
+
+
+class SessionStore:
+    """Where a device keeps its secure-sum session between stages, loaded, advanced and saved under `locked()`.
+
+    A deployed device keeps it in a file of its own state folder, behind an flock: Flower hands every task a
+    snapshot of the node's Context and writes it back when the task ends, so two tasks racing on one device
+    would both start from one snapshot (and could both pass one stage) if the session lived there. A simulated
+    device (the experimenter runs the server too) keeps it in Context.state, under the process's lock.
+    """
+
+    def __init__(self, *, context: Context | None = None, path: Path | None = None) -> None:
+        self.context, self.path = context, path
+
+    def locked(self) -> contextlib.AbstractContextManager[object]:
+        if self.path is None:
+            return in_process_lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        return file_lock(self.path.with_name(self.path.name + ".lock"))
+
+    def load(self) -> tuple[Any, dict[str, Any]] | None:
+        from fedrec.shared.secagg import ClientSession, SecAggError
+
+        if self.path is None:
+            assert self.context is not None
+            if SESSION_STATE not in self.context.state:
+                return None
+            record = dict(self.context.state[SESSION_STATE])
+        else:
+            try:
+                record = json.loads(self.path.read_bytes())
+                record["session"] = bytes.fromhex(record["session"])
+            except FileNotFoundError:
+                return None
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise SecAggError(f"unreadable secure-sum session ({type(err).__name__})") from None
+        return ClientSession.from_bytes(record.pop("session")), record
+
+    def save(self, session: Any, **extra: Any) -> None:
+        if self.path is None:
+            assert self.context is not None
+            self.context.state[SESSION_STATE] = ConfigRecord({"session": session.to_bytes(), **extra})
+            return
+        atomic_write(self.path, json.dumps({"session": session.to_bytes().hex(), **extra}).encode(), mode=0o600)
+
+    def clear(self) -> None:
+        if self.path is None:
+            assert self.context is not None
+            self.context.state.pop(SESSION_STATE, None)
+        else:
+            self.path.unlink(missing_ok=True)
 
 
 class Node(Protocol):
     num_items: int
 
     def device_ids(self) -> list[str]: ...
+
+    def enrolment(self, device_id: str) -> Enrolment | None: ...
+
+    def session_store(self, context: Context) -> SessionStore: ...
 
     def devices(self, content: RecordDict) -> list[Device]: ...
 
@@ -74,6 +136,9 @@ class ContextStateStore:
     def save(self, state: DeviceState) -> None:
         self.context.state[self.key] = ConfigRecord({"state": state.to_bytes()})
 
+    def locked(self) -> contextlib.AbstractContextManager[object]:
+        return in_process_lock()
+
 
 class SimulatedNode:
     """The devices a simulated node hosts: one (device engine) or a shard of the population (cohort engine)."""
@@ -98,6 +163,20 @@ class SimulatedNode:
 
     def received(self, tables: ItemTables, server_round: int) -> None:
         """Simulated devices keep no copy of the model (the run directory has the checkpoint)."""
+
+    def session_store(self, context: Context) -> SessionStore:
+        return SessionStore(context=context)
+
+    def enrolment(self, device_id: str) -> Enrolment:
+        """A simulated device's identity, issued by an authority derived from the run's seed (the experimenter
+        owns every device); it pins that authority unless its policy names another."""
+        from fedrec.shared.identity import Authority, DeviceIdentity, authority_key_from_hex
+
+        seed = str(self.config.seed).encode()
+        authority = Authority.from_seed(seed)
+        pinned = authority_key_from_hex(self.policy.enrolment_authority or authority.public_hex,
+                                        source="run config device-policy")
+        return DeviceIdentity.simulated(device_id, authority, seed), pinned
 
     def _device(self, device_id: str) -> Device:
         cfg = self.config
@@ -132,9 +211,11 @@ class DeployedNode:
 
     Node config: data-path (its events, as `fedrec prepare` writes them per device), catalogue-path,
     state-path (a folder: the device state and the latest item model it received, written
-    atomically and flushed to disk), device-id (optional; default: the data file's name), and its
-    privacy policy (shared/policy.py): policy keys in the node config and/or policy-path, a TOML
-    file of them. The events file is read only for a plan that passed the policy and the budget.
+    atomically and flushed to disk), device-id (required: unique, the subject of its enrolment
+    certificate), identity-key and identity-cert (its enrolled signing key and certificate, from
+    `fedrec enrol device`: needed for the secure modes), and its privacy policy (shared/policy.py):
+    policy keys in the node config and/or policy-path, a TOML file of them (enrolment-authority pins
+    the authority it trusts). The events file is read only for a plan that passed the policy and the budget.
     Its randomness (sampling, negatives, DP noise) is seeded from the operating system's entropy
     at start, so the server cannot predict the noise, unlike a simulation's seeded runs.
     """
@@ -154,7 +235,16 @@ class DeployedNode:
         self.state_dir = Path(str(node_config["state-path"]))
         self.catalogue = Catalogue.read_csv(catalogue_path)
         self.num_items = self.catalogue.num_items
-        self.device_id = str(node_config.get("device-id", data_path.stem))
+        # The device id is its secure-aggregation participant id and the subject of its certificate: unique, and
+        # given explicitly (never derived from a file name, which two devices may share).
+        self.device_id = str(node_config["device-id"]).strip()
+        if not self.device_id:
+            raise ConfigError("node config: device-id is empty; give each device its unique id (the subject of "
+                              "its enrolment certificate)")
+        self.identity_paths = (node_config.get("identity-key"), node_config.get("identity-cert"))
+        if (self.identity_paths[0] is None) != (self.identity_paths[1] is None):
+            raise ConfigError("node config: identity-key and identity-cert go together (fedrec enrol device "
+                              "writes both)")
         settings = DeviceSettings(embedding_dim=config.embedding_dim, init_scale=config.init_scale,
                                   seed=secrets.randbits(62))
         store = FileStateStore(self.state_dir / STATE_FILE)
@@ -175,6 +265,28 @@ class DeployedNode:
     def devices(self, content: RecordDict) -> list[Device]:
         _wanted(content, {self.device_id: 0})
         return [self.device]
+
+    def session_store(self, context: Context) -> SessionStore:
+        return SessionStore(path=self.state_dir / SESSION_FILE)
+
+    def enrolment(self, device_id: str) -> Enrolment | None:
+        """Its identity files and the authority its policy pins, or None where either is missing (it then refuses
+        every secure-sum plan by the rule 'enrolment', before committing). A certificate for another device id,
+        another key or another authority is an error, never used."""
+        from fedrec.shared.identity import DeviceIdentity, IdentityError, authority_key_from_hex
+
+        key_path, cert_path = self.identity_paths
+        if key_path is None or not self.device.policy.enrolment_authority:
+            return None
+        try:
+            pinned = authority_key_from_hex(self.device.policy.enrolment_authority, source="device policy")
+            identity = DeviceIdentity.read(Path(str(key_path)), Path(str(cert_path)), authority=pinned)
+        except IdentityError as err:
+            raise ConfigError(f"node config: {err}") from None
+        if identity.device_id != self.device_id:
+            raise ConfigError(f"node config: the certificate {cert_path} is issued to {identity.device_id!r}, this "
+                              f"device is {self.device_id!r}")
+        return identity, pinned
 
     def received(self, tables: ItemTables, server_round: int) -> None:
         if tables.num_items != self.num_items:

@@ -7,20 +7,28 @@
    popularity report, evaluation releases) and recompute epsilon with Google's dp-accounting: RDP
    at the same orders and conversion as the devices (the comparison), and PLD (a tighter
    reference) - an accountant the devices did not use;
-4. charge, on top, everything a device may have released unseen: replies the server rejected,
-   devices that failed (their reply may have been lost after they trained), and every device asked
-   in a round that was written ahead but never completed (the server stopped mid-round);
-5. flag any device whose reported epsilon is below what it released (tampering) or above all it
+4. in the secure modes, three figures per device, one per threat (THREATS): honest but curious,
+   malicious with c colluders (the headline, on which budgets are enforced) and own share
+   (enrolment subverted), at the record level and, in the user mode, the user level; each
+   release is accounted with the (t, c) the DEVICE says it accounted with (the ledger's
+   secure_sum_seen), not the t_min the server wrote, and any difference between the two is an
+   error (either direction);
+5. charge, on top, in every figure, everything a device may have released unseen: replies the
+   server rejected, devices that failed (their reply may have been lost after they trained), and
+   every device asked in a round that was written ahead but never completed (the server stopped
+   mid-round), at the worst (t, c) it could have accounted with (its own report, else the ledger's
+   or any other device's of that sum; unverified when no device reported one);
+6. flag any device whose reported figure is below what it released (tampering) or above all it
    could have been charged, any device over its budget, and any round whose parameters differ
    from the config;
-6. the same for user-level (central) DP when the run used it, under each sampling assumption.
+7. the same for user-level (central) DP when the run used it, under each sampling assumption.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
@@ -32,7 +40,7 @@ import numpy as np
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
-from fedrec.shared.config import AUTO, ConfigError, RunConfig
+from fedrec.shared.config import AUTO, SECURE_MODES, ConfigError, RunConfig
 from fedrec.shared.distributed_dp import distributed_entries
 
 from .records import CONFIG, LEDGER, RunRecords
@@ -68,20 +76,57 @@ class Flag:
     round: int | None = None
 
 
+# The three figures a device states in the secure modes, one line each for the threat it holds against (the same
+# lines as server/summary.py's). All three are equal in the local mode.
+THREATS = {
+    "honest": "the server follows the protocol",
+    "malicious": "the server deviates arbitrarily and colludes with at most c devices, but cannot enrol identities",
+    "own_share": "the server also controls enrolment: only the device's own noise share protects it",
+}
+FIGURES = tuple(THREATS)  # (honest, malicious, own_share): the order of shared.distributed_dp.distributed_entries
+HEADLINE = "malicious"  # the figure devices state as their epsilon, and on which their budget is enforced
+FIGURE_NAMES = {"honest": "honest but curious", "malicious": "malicious with c colluders (the headline)",
+                "own_share": "own share (enrolment subverted)"}
+REPORTED_KEYS = {"malicious": "epsilon_reported", "honest": "epsilon_honest_reported",
+                 "own_share": "epsilon_subverted_reported"}  # the ledger's done-line keys of each figure
+_CODE_PREFIX = {"malicious": "epsilon", "honest": "honest_epsilon", "own_share": "subverted_epsilon"}
+UNIT_NAMES = {"record": "record_level", "user": "user_level"}
+OWN_SHARE_WARNING = 10.0  # a plain-words warning where the own-share figure passes this multiple of the budget
+INFINITE: list[Step] = [(0.0, 1.0, 1)]  # a release nothing can be claimed for (epsilon inf)
+
+SecureSum = tuple[int, int]  # (t, c): the fewest shares in a decryptable sum, the colluders assumed
+Key = tuple[str, str]  # (unit, figure): unit 'record' or 'user', figure one of FIGURES
+
+
 @dataclass
 class DeviceAudit:
     device: str
     rounds: list[int] = field(default_factory=list)  # rounds it released something in
-    steps: list[Step] = field(default_factory=list)
-    unseen_steps: list[Step] = field(default_factory=list)  # rejected, failed, or asked in an unfinished round
-    reported: float | None = None  # latest epsilon it reported (inf: it released something without DP)
-    recomputed_rdp: float = 0.0
-    recomputed_pld: float = 0.0
-    charged_rdp: float = 0.0  # recomputed over steps + unseen_steps: the most it can have spent
-    subverted_steps: list[Step] = field(default_factory=list)  # the same releases, own noise share only
-    reported_subverted: float | None = None
-    recomputed_subverted: float = 0.0
-    trajectory: list[tuple[int, float]] = field(default_factory=list)  # (round, recomputed epsilon after it)
+    # (unit, figure) -> the history of the releases the server received from it / may have received unseen
+    # (rejected, failed, or asked in an unfinished round)
+    steps: dict[Key, list[Step]] = field(default_factory=lambda: defaultdict(list))
+    unseen: dict[Key, list[Step]] = field(default_factory=lambda: defaultdict(list))
+    reported: float | None = None  # latest headline epsilon it reported, any unit (inf: it released without DP)
+    reports: dict[Key, float] = field(default_factory=dict)  # latest report of each figure at each unit
+    recomputed: dict[Key, float] = field(default_factory=dict)  # over `steps`: what the server received
+    charged: dict[Key, float] = field(default_factory=dict)  # over steps + unseen: the most it can have spent
+    recomputed_pld: float = 0.0  # the headline at the reported unit, PLD
+    diffs: list[float] = field(default_factory=list)  # relative differences of its reports from the recomputed
+    sums: list[dict[str, Any]] = field(default_factory=list)  # the (t, c) each secure release was accounted with
+    trajectory: list[tuple[int, float]] = field(default_factory=list)  # (round, recomputed headline after it)
+    unit: str = "record"  # the unit it reports its headline in (the run's mode)
+
+    @property
+    def recomputed_rdp(self) -> float:
+        return self.recomputed.get((self.unit, HEADLINE), 0.0)
+
+    @property
+    def charged_rdp(self) -> float:
+        return self.charged.get((self.unit, HEADLINE), 0.0)
+
+    @property
+    def recomputed_subverted(self) -> float:
+        return self.recomputed.get((self.unit, "own_share"), 0.0)
 
 
 def plan_noise(entry: dict[str, Any]) -> list[Step]:
@@ -100,23 +145,117 @@ def plan_noise(entry: dict[str, Any]) -> list[Step]:
     return steps
 
 
-def plan_steps(entry: dict[str, Any], *, subverted: bool = False) -> list[Step]:
-    """The history a round adds to each device it reached, at the unit the devices report in the run's mode.
+def release_figures(entry: dict[str, Any], secure_sum: SecureSum | None, unit: str = "record",
+                    ) -> dict[str, list[Step]]:
+    """The history one release of a round adds to a device, per figure (FIGURES), at `unit` ('record' or 'user').
 
-    Local mode: the noise itself. Distributed and user modes: the item release goes into a secure sum of at
-    least t_min shares (the ledger's write-ahead line records t_min), accounted by the quantised Skellam bound
-    (fedrec.shared.distributed_dp, checked against the exact divergence in its tests); `subverted`: only the
-    device's own share, 1/t_min of the sum's variance. User mode reports user-level figures.
+    Local mode: the noise itself, the same for every figure. Distributed and user modes: the item release goes into
+    a secure sum of at least t shares, c of which may be colluders', accounted by the quantised Skellam bound
+    (fedrec.shared.distributed_dp, checked against the exact divergence in its tests): each device's share is
+    1 / (t - c) of the sum's variance, so honest t / (t - c), malicious the full noise, own share 1 / (t - c).
+    `secure_sum`: the (t, c) the release was accounted with (None in a secure round: unknown, epsilon inf). At the
+    record level a user-mode release has twice the sensitivity (a record changed inside a device moves its clipped
+    update by up to 2S); at the user level only user-mode releases and bounded evaluation releases count.
     """
     noise = plan_noise(entry)
     mode = entry["plan"].get("privacy", "local")
-    if not noise or mode not in ("distributed", "user"):
-        return noise
-    t_min = int(entry.get("t_min", 0))
-    if t_min < 1:
-        return [(0.0, 1.0, 1)]  # no threshold recorded: nothing can be claimed (epsilon inf)
-    honest, own = distributed_entries(noise[0][0], t_min)
-    return [own if subverted else honest, *noise[1:]]
+    if unit == "user" and noise and mode not in SECURE_MODES and entry.get("kind") != "evaluate":
+        return dict.fromkeys(FIGURES, INFINITE)  # no user-level guarantee for a record-level release
+    if not noise or mode not in SECURE_MODES:
+        return dict.fromkeys(FIGURES, noise)
+    if secure_sum is None or not _valid_sum(secure_sum):
+        return dict.fromkeys(FIGURES, INFINITE)  # no threshold known: nothing can be claimed
+    t, c = secure_sum
+    factor = 2.0 if mode == "user" and unit == "record" else 1.0
+    entries = distributed_entries(noise[0][0], t, c, sensitivity_factor=factor)
+    local = noise[1:] if mode == "distributed" else []  # the user-row steps: local noise, never sent
+    return {name: [tuple(step), *local] for name, step in zip(FIGURES, entries)}  # type: ignore[misc]
+
+
+def _valid_sum(secure_sum: Any) -> bool:
+    return isinstance(secure_sum, tuple) and len(secure_sum) == 2 and \
+        all(isinstance(v, int) and not isinstance(v, bool) for v in secure_sum) and \
+        secure_sum[0] >= 1 and 0 <= secure_sum[1] < secure_sum[0]
+
+
+def _worst(options: list[dict[str, list[Step]]]) -> dict[str, list[Step]]:
+    """Per figure, the option that charges the most. Options differ only in the sum's step, one Gaussian release at
+    q = 1 placed first: the smallest noise multiplier is the largest epsilon at every order."""
+    return {name: min((option[name] for option in options), key=lambda steps: steps[0][0] if steps else math.inf)
+            for name in FIGURES}
+
+
+def _as_sum(value: Any) -> SecureSum | None:
+    """A (t, c) from the ledger ([t, c] or {'t_min', 'colluders'}), or None if it is not one."""
+    if isinstance(value, dict):
+        value = (value.get("t_min"), value.get("colluders", 0))
+    if not isinstance(value, list | tuple) or len(value) != 2:
+        return None
+    try:
+        t, c = (int(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return (t, c) if all(float(v) == int(v) for v in value) else None
+
+
+@dataclass
+class SumView:
+    """One attempt's secure sum: the (t, c) the ledger wrote ahead and the (t, c) each device says it accounted
+    with."""
+
+    secure: bool  # the round released into a secure sum
+    ledger: SecureSum | None  # None: the ledger records no threshold
+    seen: dict[str, SecureSum | None] = field(default_factory=dict)  # device -> its report (None: malformed)
+
+    def options(self, device: str) -> tuple[list[SecureSum | None], str]:
+        """The (t, c) a device may have accounted with, and whose word that is ('device' or 'ledger')."""
+        if not self.secure:
+            return [None], "none"
+        if device in self.seen:
+            return [self.seen[device]], "device"
+        others = sorted({tc for tc in self.seen.values() if tc is not None and tc != self.ledger})
+        return [self.ledger, *others], "ledger"
+
+
+def secure_sum_view(sent: dict[str, Any], done: dict[str, Any] | None) -> tuple[SumView, list[Flag]]:
+    """The attempt's SumView, with the flags of its ledger lines: a write-ahead (t, c) the outcome line contradicts,
+    a secure round without a threshold, and every device whose (t, c) differs from the ledger's (either way)."""
+    kind, rnd = sent.get("kind", "train"), sent.get("round")
+    secure = sent["plan"].get("privacy") in SECURE_MODES and bool(plan_noise(sent))
+    flags: list[Flag] = []
+    recorded = (done or {}).get("secure_sum")
+    ledger = _as_sum((sent["t_min"], sent.get("colluders", 0))) if sent.get("t_min") else None
+    if recorded is not None and recorded.get("t_min"):
+        outcome = _as_sum(recorded)
+        if ledger is None:
+            ledger = outcome
+        elif outcome != ledger:
+            flags.append(Flag("error", "ledger_lines_disagree",
+                              f"{kind} round {rnd}: the outcome line's secure sum (t_min = {recorded.get('t_min')}, "
+                              f"colluders = {recorded.get('colluders', 0)}) differs from the one written ahead "
+                              f"(t_min = {ledger[0]}, colluders = {ledger[1]})", round=rnd))
+    if secure and ledger is None:
+        flags.append(Flag("error", "secure_sum_unrecorded", f"{kind} round {rnd}: a secure-sum release whose ledger "
+                          "lines record no threshold t_min", round=rnd))
+    elif secure and not _valid_sum(ledger):
+        flags.append(Flag("error", "secure_sum_invalid", f"{kind} round {rnd}: the ledger's secure sum {ledger} is not "
+                          "a threshold t >= 1 with 0 <= colluders < t", round=rnd))
+    view = SumView(secure, ledger)
+    for device, value in ((done or {}).get("secure_sum_seen") or {}).items():
+        tc = _as_sum(value)
+        view.seen[device] = tc if _valid_sum(tc) else None
+        if not _valid_sum(tc):
+            flags.append(Flag("error", "secure_sum_invalid", f"{kind} round {rnd}: {device} reports a secure sum "
+                              f"{value!r}, not a threshold t >= 1 with 0 <= c < t", device=device, round=rnd))
+        elif not secure:
+            flags.append(Flag("error", "secure_sum_mismatch", f"{kind} round {rnd}: {device} accounted a release into "
+                              f"a secure sum (t = {tc[0]}, c = {tc[1]}) that the ledger does not record",
+                              device=device, round=rnd))
+        elif tc != ledger:
+            said = "no threshold" if ledger is None else f"t_min = {ledger[0]}, colluders = {ledger[1]}"
+            flags.append(Flag("error", "secure_sum_mismatch", f"{kind} round {rnd}: {device} accounted its release "
+                              f"with t = {tc[0]}, c = {tc[1]}; the ledger says {said}", device=device, round=rnd))
+    return view, flags
 
 
 def _compact(steps: Iterable[Step]) -> tuple[Step, ...]:
@@ -131,7 +270,7 @@ def _event(sigma: float, q: float) -> dp_accounting.DpEvent:
     return gaussian if q >= 1.0 else dp_accounting.PoissonSampledDpEvent(q, gaussian)
 
 
-@lru_cache(maxsize=4096)
+@lru_cache(maxsize=65536)
 def rdp_epsilon(steps: tuple[Step, ...], delta: float) -> float:
     if not steps:
         return 0.0
@@ -349,9 +488,33 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
     run_dir = Path(run_dir)
     config = RunConfig.load_json(run_dir / CONFIG)
     entries, flags = read_ledger(run_dir)
+    reported_unit = "user" if config.privacy == "user" else "record"
+    units = ("record", "user") if config.privacy == "user" else ("record",)
     devices: dict[str, DeviceAudit] = {}
     sigma: dict[str, float] = {}
     seen_rounds: set[tuple[str, int]] = set()
+    violations: dict[tuple[str, str], Flag] = {}  # (device, code) -> its latest mis-report
+    sums_used: set[SecureSum] = set()
+
+    def device_audit(device: str) -> DeviceAudit:
+        return devices.setdefault(device, DeviceAudit(device, unit=reported_unit))
+
+    def charge(device: str, sent: dict[str, Any], view: SumView, *, received: bool) -> str:
+        """Add one release to a device's figures at every unit; returns whose (t, c) it was accounted with."""
+        audit = device_audit(device)
+        options, source = view.options(device)
+        for unit in units:
+            figures = _worst([release_figures(sent, tc, unit) for tc in options])
+            for name, steps in figures.items():
+                (audit.steps if received else audit.unseen)[(unit, name)].extend(steps)
+        if view.secure:
+            used = [tc for tc in options if tc is not None]
+            sums_used.update(used)
+            audit.sums.append({"kind": sent.get("kind", "train"), "round": int(sent["round"]),
+                               "attempt": int(sent.get("attempt", 0)), "received": received, "source": source,
+                               "t": [tc[0] for tc in used], "c": [tc[1] for tc in used]})
+        return source
+
     for sent, done in attempts(entries):
         rnd, kind = int(sent["round"]), sent.get("kind", "train")
         if (kind, rnd) in seen_rounds:
@@ -363,72 +526,119 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
                 (done.get("plan"), done.get("privacy_steps")) != (sent.get("plan"), sent.get("privacy_steps")):
             flags.append(Flag("error", "ledger_lines_disagree", f"{kind} round {rnd}: the outcome line's plan differs "
                                                                 "from the plan written ahead of sending", round=rnd))
-        steps = plan_steps(sent)
-        own_steps = plan_steps(sent, subverted=True)
+        view, sum_flags = secure_sum_view(sent, done)
+        flags.extend(sum_flags)
         if done is None:
             flags.append(Flag("info", "round_unfinished", f"{kind} round {rnd} was sent but never completed (the "
                                                           "server stopped); every device asked is charged for it",
                               round=rnd))
             for device in sent.get("asked", []):
-                devices.setdefault(device, DeviceAudit(device)).unseen_steps.extend(steps)
+                charge(device, sent, view, received=False)
+            if view.secure and sent.get("asked"):
+                flags.append(_unverified(kind, rnd, view, "it never completed"))
             continue
         reported = done.get("epsilon_reported", {})
-        for device in done.get("trained", []):
-            audit = devices.setdefault(device, DeviceAudit(device))
+        trained = list(done.get("trained", []))
+        for device in trained:
+            audit = device_audit(device)
             audit.rounds.append(rnd)
-            audit.steps.extend(steps)
-            audit.subverted_steps.extend(own_steps)
-            audit.trajectory.append((rnd, rdp_epsilon(_compact(audit.steps), config.delta)))
+            if charge(device, sent, view, received=True) == "ledger" and view.seen:
+                flags.append(Flag("warning", "secure_sum_not_reported", f"{kind} round {rnd}: {device} released into "
+                                  "the secure sum without naming the t and c it accounted with; charged at the "
+                                  "worst of the ledger's and the other devices'", device=device, round=rnd))
+            audit.trajectory.append((rnd, rdp_epsilon(_compact(audit.steps[(reported_unit, HEADLINE)]),
+                                                      config.delta)))
             if device not in reported and config.dp:
                 flags.append(Flag("error", "epsilon_not_reported", f"round {rnd}: {device} released an update but "
                                                                    "reported no epsilon", device=device, round=rnd))
-        for device in [*done.get("rejected", {}), *done.get("failed", {})]:
-            devices.setdefault(device, DeviceAudit(device)).unseen_steps.extend(steps)
+        unseen = [*done.get("rejected", {}), *done.get("failed", {})]
+        for device in unseen:
+            charge(device, sent, view, received=False)
+        if view.secure and not view.seen and (trained or unseen):
+            flags.append(_unverified(kind, rnd, view, "no device reported the t and c it accounted with"))
+        unit = "user" if sent["plan"].get("privacy") == "user" and "user" in units else "record"
         for device, eps in reported.items():
-            devices.setdefault(device, DeviceAudit(device)).reported = math.inf if eps is None else float(eps)
-        for device, eps in done.get("epsilon_subverted_reported", {}).items():
-            devices.setdefault(device, DeviceAudit(device)).reported_subverted = \
-                math.inf if eps is None else float(eps)
+            device_audit(device).reported = math.inf if eps is None else float(eps)
+        for name, key in REPORTED_KEYS.items():
+            for device, eps in (done.get(key) or {}).items():
+                value = math.inf if eps is None else float(eps)
+                audit = device_audit(device)
+                audit.reports[(unit, name)] = value
+                _check_report(audit, unit, name, value, rnd, config, tolerance, violations)
+    flags.extend(violations.values())
     for audit in devices.values():
-        compact = _compact(audit.steps)
-        audit.recomputed_rdp = rdp_epsilon(compact, config.delta)
-        audit.recomputed_pld = pld_epsilon(compact, config.delta)
-        audit.charged_rdp = rdp_epsilon(_compact([*audit.steps, *audit.unseen_steps]), config.delta)
-        audit.recomputed_subverted = rdp_epsilon(_compact(audit.subverted_steps), config.delta)
+        for key in {*audit.steps, *audit.unseen}:
+            audit.recomputed[key] = rdp_epsilon(_compact(audit.steps[key]), config.delta)
+            audit.charged[key] = rdp_epsilon(_compact([*audit.steps[key], *audit.unseen[key]]), config.delta)
+        audit.recomputed_pld = pld_epsilon(_compact(audit.steps[(reported_unit, HEADLINE)]), config.delta)
         flags.extend(_device_flags(audit, config, tolerance))
+    flags.extend(_own_share_flags(devices, config))
     user_level, user_flags = audit_user_level(entries, config, run_dir, tolerance)
-    result = _verdict(config, devices, flags + user_flags, tolerance, run_dir)
+    result = _verdict(config, devices, flags + user_flags, tolerance, run_dir, units)
     if user_level is not None:
         result["user_level"] = user_level
-    if config.privacy in ("distributed", "user"):
+    if config.privacy in SECURE_MODES:
+        figures = result["figures"][UNIT_NAMES[reported_unit]]
         result["secure_aggregation"] = {
             "unit": "user level" if config.privacy == "user" else "record level",
-            "epsilon_max_subverted_recomputed": _json_number(max((a.recomputed_subverted for a in devices.values()),
-                                                                 default=0.0)),
-            "note": "honest-but-curious figures above; against a server that subverts aggregation only each "
-                    "device's own noise share (1/t_min of the sum's variance) protects it"}
+            "headline": HEADLINE,
+            "threats": dict(THREATS),
+            "epsilon_max_honest_recomputed": figures["honest"]["epsilon_max_recomputed"],
+            "epsilon_max_malicious_recomputed": figures["malicious"]["epsilon_max_recomputed"],
+            "epsilon_max_subverted_recomputed": figures["own_share"]["epsilon_max_recomputed"],
+            "epsilon_max_honest_charged": figures["honest"]["epsilon_max_charged"],
+            "epsilon_max_malicious_charged": figures["malicious"]["epsilon_max_charged"],
+            "epsilon_max_subverted_charged": figures["own_share"]["epsilon_max_charged"],
+            "t_min": [min(t for t, _ in sums_used), max(t for t, _ in sums_used)] if sums_used else None,
+            "colluders": [min(c for _, c in sums_used), max(c for _, c in sums_used)] if sums_used else None,
+            "mismatches": sum(f.code == "secure_sum_mismatch" for f in flags),
+            "unverified_rounds": sum(f.code == "secure_sum_unverified" for f in flags),
+            "note": "three figures per device, each release accounted with the (t, c) the device says it used: "
+                    "honest (t / (t - c) of the sum's noise variance), malicious with c colluders (the full "
+                    "noise: the headline, on which budgets are enforced) and own share (1 / (t - c)); '_recomputed' "
+                    "counts what the server received, '_charged' adds what it may have received unseen (rejected, "
+                    "failed and unfinished releases)"}
     return result
 
 
+def _unverified(kind: str, rnd: int, view: SumView, why: str) -> Flag:
+    said = "no threshold" if view.ledger is None else f"t_min = {view.ledger[0]}, colluders = {view.ledger[1]}"
+    return Flag("warning", "secure_sum_unverified", f"{kind} round {rnd}: {why}; its releases are charged at the "
+                f"ledger's {said}, which no device confirmed", round=rnd)
+
+
+def _check_report(audit: DeviceAudit, unit: str, name: str, value: float, rnd: int, config: RunConfig,
+                  tolerance: float, violations: dict[tuple[str, str], Flag]) -> None:
+    """A device's cumulative figure, as it reported it in round `rnd`, against what the ledger implies at that point:
+    at least what the server received from it, at most all it could have been charged."""
+    if not config.dp:
+        return
+    what = "" if name == HEADLINE else f" {FIGURE_NAMES[name]}"
+    level = "" if unit == audit.unit else f" at the {unit} level"
+    recomputed = rdp_epsilon(_compact(audit.steps[(unit, name)]), config.delta)
+    if math.isfinite(value) and math.isfinite(recomputed) and recomputed > 0:
+        audit.diffs.append(abs(value - recomputed) / recomputed)
+    if value < recomputed * (1 - tolerance) - 1e-12:
+        code = f"{_CODE_PREFIX[name]}_under_reported"
+        violations[(audit.device, code)] = Flag(
+            "error", code, f"{audit.device} reported{what} epsilon {value:.6g}{level} in round {rnd}, what the server "
+            f"received from it implies {recomputed:.6g}", device=audit.device, round=rnd)
+    elif value > recomputed * (1 + tolerance) + 1e-12:
+        charged = rdp_epsilon(_compact([*audit.steps[(unit, name)], *audit.unseen[(unit, name)]]), config.delta)
+        if value > charged * (1 + tolerance) + 1e-12:
+            code = f"{_CODE_PREFIX[name]}_over_reported"
+            violations[(audit.device, code)] = Flag(
+                "error", code, f"{audit.device} reported{what} epsilon {value:.6g}{level} in round {rnd}, more than "
+                f"all it could have been charged ({charged:.6g}): the ledger misses releases", device=audit.device,
+                round=rnd)
+
+
 def _device_flags(audit: DeviceAudit, config: RunConfig, tolerance: float) -> list[Flag]:
+    """Budget checks on the headline figure at the unit the run's mode reports (the figure devices enforce)."""
     if not config.dp:
         return []
     flags = []
-    recomputed, charged, reported = audit.recomputed_rdp, audit.charged_rdp, audit.reported
-    if reported is not None:
-        if reported < recomputed * (1 - tolerance) - 1e-12:
-            flags.append(Flag("error", "epsilon_under_reported", f"{audit.device} reported epsilon {reported:.6g}, "
-                              f"what the server received from it implies {recomputed:.6g}", device=audit.device))
-        elif reported > charged * (1 + tolerance) + 1e-12:
-            flags.append(Flag("error", "epsilon_over_reported", f"{audit.device} reported epsilon {reported:.6g}, "
-                              f"more than all it could have been charged ({charged:.6g}): the ledger misses "
-                              "releases", device=audit.device))
-    if audit.reported_subverted is not None and config.privacy in ("distributed", "user") and \
-            audit.reported_subverted < audit.recomputed_subverted * (1 - tolerance) - 1e-12:
-        flags.append(Flag("error", "subverted_epsilon_under_reported",
-                          f"{audit.device} reported epsilon {audit.reported_subverted:.6g} against subverted "
-                          f"aggregation, its own noise shares imply {audit.recomputed_subverted:.6g}",
-                          device=audit.device))
+    recomputed, charged = audit.recomputed_rdp, audit.charged_rdp
     if recomputed > config.epsilon_budget * (1 + tolerance):
         flags.append(Flag("error", "over_budget", f"{audit.device}: recomputed epsilon {recomputed:.6g} exceeds the "
                           f"budget {config.epsilon_budget}", device=audit.device))
@@ -439,21 +649,54 @@ def _device_flags(audit: DeviceAudit, config: RunConfig, tolerance: float) -> li
     return flags
 
 
+def _own_share_flags(devices: dict[str, DeviceAudit], config: RunConfig) -> list[Flag]:
+    """One plain-words warning where devices' own-share figure passes OWN_SHARE_WARNING x the budget."""
+    if not config.dp or config.privacy not in SECURE_MODES:
+        return []
+    limit = OWN_SHARE_WARNING * config.epsilon_budget
+    far = [a for a in devices.values() if a.charged.get((a.unit, "own_share"), 0.0) > limit]
+    if not far:
+        return []
+    worst = max(a.charged[(a.unit, "own_share")] for a in far)
+    return [Flag("warning", "own_share_far_above_budget", f"{len(far)} device(s) have an own-share epsilon above "
+                 f"{OWN_SHARE_WARNING:g} x the budget (up to {worst:.4g}): a server that can also enrol identities "
+                 "(invent the other members of a sum) could learn almost as much as without noise")]
+
+
+def _figure_block(devices: dict[str, DeviceAudit], unit: str, reported_unit: str,
+                  budget: float | None) -> dict[str, Any]:
+    """The three figures at one unit, over devices: the threat each holds against and its maxima."""
+    block: dict[str, Any] = {}
+    for name in FIGURES:
+        key = (unit, name)
+        reported = [a.reports[key] for a in devices.values() if key in a.reports]
+        block[name] = {
+            "name": FIGURE_NAMES[name], "threat": THREATS[name],
+            "epsilon_max_reported": _json_number(max(reported)) if reported else None,
+            "epsilon_max_recomputed": _json_number(max((a.recomputed.get(key, 0.0) for a in devices.values()),
+                                                       default=0.0)),
+            "epsilon_max_charged": _json_number(max((a.charged.get(key, 0.0) for a in devices.values()),
+                                                    default=0.0)),
+            "budget": budget if name == HEADLINE and unit == reported_unit else None}
+    return block
+
+
 def _verdict(config: RunConfig, devices: dict[str, DeviceAudit], flags: list[Flag], tolerance: float,
-             run_dir: Path) -> dict[str, Any]:
+             run_dir: Path, units: Sequence[str] = ("record",)) -> dict[str, Any]:
     reported = [d.reported for d in devices.values() if d.reported is not None and math.isfinite(d.reported)]
     recomputed = np.array([d.recomputed_rdp for d in devices.values()]) if devices else np.zeros(0)
-    diffs = [abs(d.reported - d.recomputed_rdp) / max(d.recomputed_rdp, 1e-12)
-             for d in devices.values() if d.reported is not None and math.isfinite(d.reported) and d.recomputed_rdp > 0]
+    diffs = [diff for d in devices.values() for diff in d.diffs]
     worst = max(devices.values(), key=lambda d: d.recomputed_rdp, default=None)
     errors = [f for f in flags if f.severity == "error"]
+    reported_unit = "user" if config.privacy == "user" else "record"
+    budget = config.epsilon_budget if config.dp else None
     return {
         "verdict": "fail" if errors else "pass",
         "run_dir": str(run_dir),
         "dp": config.dp,
         "devices": len(devices),
         "delta": config.delta,
-        "budget": config.epsilon_budget if config.dp else None,
+        "budget": budget,
         "epsilon_max_reported": max(reported) if reported else 0.0,
         "epsilon_max_recomputed": float(recomputed.max()) if len(recomputed) else 0.0,
         "epsilon_max_recomputed_pld": max((d.recomputed_pld for d in devices.values()), default=0.0),
@@ -468,15 +711,28 @@ def _verdict(config: RunConfig, devices: dict[str, DeviceAudit], flags: list[Fla
         "rounds_joined": {"max": max((len(d.rounds) for d in devices.values()), default=0),
                           "median": float(np.median([len(d.rounds) for d in devices.values()])) if devices else 0.0},
         "worst_device": None if worst is None else {"device": worst.device, "trajectory": worst.trajectory},
+        "threats": dict(THREATS),
+        "figures": {"headline": HEADLINE, "unit": UNIT_NAMES[reported_unit],
+                    **{UNIT_NAMES[unit]: _figure_block(devices, unit, reported_unit, budget) for unit in units}},
         "accountants": {"compared": "dp-accounting RDP, Opacus orders 1.1-63, conversion of Balle et al. 2020",
                         "reference": "dp-accounting PLD (tighter)"},
         "assumptions": {"neighbouring": NEIGHBOURING, "sampling": SAMPLING, "not_covered": NOT_COVERED},
         "flags": [asdict(f) for f in flags],
-        "per_device": {d.device: {"rounds": d.rounds, "reported": _json_number(d.reported),
-                                  "recomputed_rdp": d.recomputed_rdp, "recomputed_pld": d.recomputed_pld,
-                                  "charged_rdp": d.charged_rdp} for d in sorted(devices.values(),
-                                                                                        key=lambda a: a.device)},
+        "per_device": {d.device: _device_row(d, units) for d in sorted(devices.values(), key=lambda a: a.device)},
     }
+
+
+def _device_row(audit: DeviceAudit, units: Sequence[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"rounds": audit.rounds, "reported": _json_number(audit.reported),
+                           "recomputed_rdp": audit.recomputed_rdp, "recomputed_pld": audit.recomputed_pld,
+                           "charged_rdp": audit.charged_rdp}
+    row["figures"] = {UNIT_NAMES[unit]: {name: {"reported": _json_number(audit.reports.get((unit, name))),
+                                                "recomputed": _json_number(audit.recomputed.get((unit, name), 0.0)),
+                                                "charged": _json_number(audit.charged.get((unit, name), 0.0))}
+                                         for name in FIGURES} for unit in units}
+    if audit.sums:
+        row["secure_sums"] = audit.sums
+    return row
 
 
 def _json_number(value: float | None) -> float | None:

@@ -28,11 +28,17 @@ def write_audit(result: dict[str, Any], out_dir: Path) -> list[Path]:
 def _write_devices_csv(result: dict[str, Any], path: Path) -> None:
     with open(path, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
+        unit = result.get("figures", {}).get("unit", "record_level")
+        others = ("honest", "own_share")  # the headline (malicious) is in the columns before
         writer.writerow(["device", "rounds_joined", "epsilon_reported", "epsilon_recomputed_rdp",
-                         "epsilon_recomputed_pld", "epsilon_charged_rdp"])
+                         "epsilon_recomputed_pld", "epsilon_charged_rdp",
+                         *(f"epsilon_{name}_{what}" for name in others for what in ("recomputed", "charged"))])
         for device, row in result["per_device"].items():
+            figures = row.get("figures", {}).get(unit, {})
             writer.writerow([device, len(row["rounds"]), row["reported"], row["recomputed_rdp"],
-                             row["recomputed_pld"], row["charged_rdp"]])
+                             row["recomputed_pld"], row["charged_rdp"],
+                             *(figures.get(name, {}).get(what) for name in others
+                               for what in ("recomputed", "charged"))])
 
 
 def _plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
@@ -70,6 +76,32 @@ def _plots(result: dict[str, Any], out_dir: Path) -> list[Path]:
     return paths
 
 
+def _number(value: Any) -> str:
+    return "unbounded" if value is None else f"{value:.4f}"
+
+
+def _figures_table(result: dict[str, Any]) -> list[str]:
+    """The secure modes' three figures, each with the threat it holds against (the headline: malicious)."""
+    secure, figures = result["secure_aggregation"], result["figures"]
+    colluders = secure.get("colluders")
+    lines = ["", "## Figures by threat", "",
+             f"Each release is accounted with the (t, c) the device says it used (t from {secure.get('t_min')}, c from "
+             f"{colluders}); 'charged' adds what the server may have received unseen (rejected, failed, unfinished).",
+             ""]
+    for unit in ("record_level", "user_level"):
+        if unit not in figures:
+            continue
+        lines += [f"| {unit.replace('_', ' ')} | holds when | reported max | recomputed max | charged max |",
+                  "|---|---|---|---|---|"]
+        for name, row in figures[unit].items():
+            headline = " **(headline; budget enforced)**" if row.get("budget") is not None else ""
+            reported = "-" if row["epsilon_max_reported"] is None else f"{row['epsilon_max_reported']:.4f}"
+            lines.append(f"| {row['name']}{headline} | {row['threat']} | {reported} | "
+                         f"{_number(row['epsilon_max_recomputed'])} | {_number(row['epsilon_max_charged'])} |")
+        lines.append("")
+    return lines
+
+
 def _markdown(result: dict[str, Any], images: list[str]) -> str:
     lines = [f"# Privacy audit: {result['verdict'].upper()}", "", f"Run: `{result['run_dir']}`", ""]
     if not result["dp"]:
@@ -95,6 +127,8 @@ def _markdown(result: dict[str, Any], images: list[str]) -> str:
     if "user_level" in result:
         for name, value in result["user_level"].items():
             lines.append(f"| user-level DP: {name} | {value} |")
+    if "secure_aggregation" in result and "figures" in result:
+        lines += _figures_table(result)
     lines += ["", "## What the numbers mean", ""]
     lines += [f"- **Neighbouring relation.** {result['assumptions']['neighbouring']}",
               f"- **Sampling.** {result['assumptions']['sampling']}",

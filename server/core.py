@@ -356,8 +356,11 @@ def popularity_groups(asked: dict[int, list[str]], size: int) -> list[dict[int, 
     return groups
 
 
-def secure_threshold(config: RunConfig, asked: dict[int, list[str]]) -> int:
-    """t of a secure sum over the devices asked: ceil(aggregation-threshold x count), at least 2 where possible
-    (a sum of one device is that device's update)."""
+def secure_threshold(config: RunConfig, asked: dict[int, list[str]]) -> tuple[int, int]:
+    """(t, c) of a secure sum over the devices asked: t = ceil(aggregation-threshold x count), at least 2 where
+    possible (a sum of one device is that device's update); c = the colluders setting ('auto': ceil(t / 10), what
+    a device's default policy assumes), below t."""
     count = sum(len(devices) for devices in asked.values())
-    return max(min(2, count), math.ceil(config.aggregation_threshold * count - 1e-9))
+    t = max(min(2, count), math.ceil(config.aggregation_threshold * count - 1e-9))
+    c = math.ceil(t / 10) if config.colluders == "auto" else int(config.colluders)
+    return t, min(c, max(t - 1, 0))

@@ -204,15 +204,16 @@ class Federation:
         groups = popularity_groups(asked, self.config.devices_per_round)
         total, reports, variance = np.zeros(self.num_items), 0, 0.0
         for group in groups:
-            t_min = secure_threshold(self.config, group)
-            mechanism = popularity_mechanism(plan, self.num_items, t_min)
+            t_min, colluders = secure_threshold(self.config, group)
+            mechanism = popularity_mechanism(plan, self.num_items, t_min, colluders)
             nonce = self._write_ahead(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), group,
-                                      t_min=t_min)
+                                      t_min=t_min, colluders=colluders)
             replies, decoded, shares = self._secure_sum(POPULARITY_ROUND, "popularity",
                                                         {P.PRIOR: ConfigRecord(plan.to_config())}, group, mechanism,
                                                         nonce=nonce, message_type=P.POPULARITY_MESSAGE)
             self._record_round(POPULARITY_ROUND, "popularity", plan.to_config(), plan.privacy_steps(), group, replies,
-                               nonce=nonce, secure={"t_min": t_min, "shares": shares, "aggregation": self.aggregation,
+                               nonce=nonce, secure={"t_min": t_min, "colluders": colluders, "shares": shares,
+                                                    "aggregation": self.aggregation,
                                                     "decrypted": decoded is not None})
             if decoded is not None:
                 total += decoded
@@ -225,7 +226,7 @@ class Federation:
                  reports, self.aggregation, time.monotonic() - started)
 
     def _write_ahead(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
-                     asked: Asked, tables: ItemTables | None = None, t_min: int = 0) -> int:
+                     asked: Asked, tables: ItemTables | None = None, t_min: int = 0, colluders: int = 0) -> int:
         """Ledger the round before any request leaves (flushed to disk); returns the attempt's nonce.
 
         If the server dies after this line, the audit still charges every device asked. The nonce is
@@ -238,7 +239,7 @@ class Federation:
             "plan": plan, "privacy_steps": [list(step) for step in privacy_steps],
             "asked": sorted(d for devices in asked.values() for d in devices),
             **({"tables_sha256": tables_digest(tables)} if tables is not None else {}),
-            **({"t_min": t_min} if t_min else {})})
+            **({"t_min": t_min, "colluders": colluders} if t_min else {})})
         return attempt
 
     def _record_round(self, server_round: int, kind: str, plan: dict[str, Any], privacy_steps: list,
@@ -254,6 +255,10 @@ class Federation:
             "epsilon_reported": {d: _json_epsilon(replies.epsilon[d]) for d in sorted(replies.epsilon)},
             "epsilon_subverted_reported": {d: _json_epsilon(replies.epsilon_subverted[d])
                                            for d in sorted(replies.epsilon_subverted)},
+            "epsilon_honest_reported": {d: _json_epsilon(replies.epsilon_honest[d])
+                                        for d in sorted(replies.epsilon_honest)},
+            **({"secure_sum_seen": {d: list(replies.secure_seen[d]) for d in sorted(replies.secure_seen)}}
+               if replies.secure_seen else {}),
             **({"central": central} if central else {}),
             **({"secure_sum": secure} if secure else {}),
         })
@@ -321,16 +326,16 @@ class Federation:
     def _secure_train_round(self, server_round: int, plan: LocalTrainingPlan, tables: ArrayRecord, asked: Asked,
                             population: int, started: float) -> None:
         """A training round of the distributed or user mode: the server learns only the sum of the updates."""
-        t_min = secure_threshold(self.config, asked)
-        mechanism = training_mechanism(plan, self.num_items, self.model.tables.dim, t_min)
+        t_min, colluders = secure_threshold(self.config, asked)
+        mechanism = training_mechanism(plan, self.num_items, self.model.tables.dim, t_min, colluders)
         nonce = self._write_ahead(server_round, "train", plan.to_config(), plan.privacy_steps(), asked,
-                                  self.model.tables, t_min=t_min)
+                                  self.model.tables, t_min=t_min, colluders=colluders)
         replies, total, shares = self._secure_sum(server_round, "train", {P.TABLES: tables,
                                                                           P.PLAN: ConfigRecord(plan.to_config())},
                                                   asked, mechanism, nonce=nonce, message_type="train")
         self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies,
-                           nonce=nonce, secure={"t_min": t_min, "shares": shares, "aggregation": self.aggregation,
-                                                "decrypted": total is not None})
+                           nonce=nonce, secure={"t_min": t_min, "colluders": colluders, "shares": shares,
+                                                "aggregation": self.aggregation, "decrypted": total is not None})
         if total is None:
             applied: dict[str, Any] = {"mean_delta_norm": None, "clipped": None, "shares": shares, "aborted": True}
             log.warning("round %d: the secure sum held %d shares, fewer than t = %d: nothing was decrypted or "
@@ -358,7 +363,8 @@ class Federation:
                                   message_type=message_type, epsilon_budget=self.reply_budget)
         messages = []
         for node, devices in asked.items():
-            record = ConfigRecord({P.DEVICE_IDS: devices, P.NONCE: nonce, P.THRESHOLD: mechanism.t_min})
+            record = ConfigRecord({P.DEVICE_IDS: devices, P.NONCE: nonce, P.THRESHOLD: mechanism.t_min,
+                                   P.COLLUDERS: mechanism.colluders})
             messages.append(Message(RecordDict({**content, P.COHORT: record}), dst_node_id=node,
                                     message_type=message_type, ttl=cfg.round_timeout))
         replies = sort_grid_replies(send_and_receive(self.grid, messages, timeout=cfg.round_timeout), asked,

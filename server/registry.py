@@ -33,6 +33,7 @@ class DeviceRegistry:
         self.hello_timeout = hello_timeout
         self.node_of: dict[str, int] = {}
         self.devices_on: dict[int, list[str]] = {}
+        self.duplicates: set[str] = set()  # device ids a second live node claimed
 
     def wait_for(self, count: int, *, timeout: float) -> int:
         """Wait until `count` devices are known (nodes connected and said hello) or `timeout` passes."""
@@ -67,13 +68,22 @@ class DeviceRegistry:
             except (P.ProtocolError, KeyError) as err:
                 log.warning("node %d did not say hello: %s", node, err)
                 continue
+            kept = []
             for device in devices:
                 previous = self.node_of.get(device)
+                if previous is not None and previous != node and previous in online:
+                    # Two live nodes claim one device id: a device id names one participant of a secure sum, so
+                    # the newcomer is left out (and flagged) rather than trusted with the same identity.
+                    self.duplicates.add(device)
+                    log.error("node %d claims device id %s, which node %d (still online) holds: node %d is left "
+                              "out; device ids must be unique", node, device, previous, node)
+                    continue
                 if previous is not None and previous != node:
                     log.warning("device %s moved from node %d to node %d", device, previous, node)
                     self.devices_on[previous] = [d for d in self.devices_on.get(previous, []) if d != device]
                 self.node_of[device] = node
-            self.devices_on[node] = devices
+                kept.append(device)
+            self.devices_on[node] = kept
         log.info("%d devices known on %d nodes (%d new nodes)", len(self.node_of), len(self.devices_on), len(new))
 
     def group(self, devices: list[str]) -> dict[int, list[str]]:

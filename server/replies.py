@@ -35,7 +35,9 @@ class TrainReplies:
     parts: dict[int, Any] = field(default_factory=dict)  # node -> validated payload (PartialSum or counts sum)
     trained: list[str] = field(default_factory=list)
     epsilon: dict[str, float] = field(default_factory=dict)  # reported cumulative epsilon, trained or declined
-    epsilon_subverted: dict[str, float] = field(default_factory=dict)  # the same against subverted aggregation
+    epsilon_subverted: dict[str, float] = field(default_factory=dict)  # own share: enrolment subverted too
+    epsilon_honest: dict[str, float] = field(default_factory=dict)  # against a server that follows the protocol
+    secure_seen: dict[str, tuple[int, int]] = field(default_factory=dict)  # device -> (t, c) it accounted with
     declined: list[str] = field(default_factory=list)
     refused: dict[str, str] = field(default_factory=dict)  # device -> the policy rule the plan broke
     rejected: dict[str, str] = field(default_factory=dict)  # device -> reason
@@ -52,6 +54,20 @@ def _check_identity(reply: Message, expected: list[str]) -> None:
     claimed = P.device_ids(reply.content[P.DEVICE], "device record")
     if claimed != expected:
         raise P.ProtocolError(f"reply speaks for devices {claimed}, but the node was asked about {expected}")
+
+
+def _secure_seen(report: dict[str, Any], count: int) -> list[tuple[int, int] | None]:
+    """The (t, c) each device says it accounted its secure-sum release with (None: no release into a sum)."""
+    if P.THRESHOLD not in report:
+        return [None] * count
+    ts = _per_device(report, P.THRESHOLD, count, "report")
+    cs = _per_device(report, P.COLLUDERS, count, "report")
+    out: list[tuple[int, int] | None] = []
+    for t, c in zip(ts, cs):
+        if t != int(t) or c != int(c) or t < 0 or not 0 <= c <= max(t - 1, 0):
+            raise P.ProtocolError(f"report: secure sum t={t}, c={c} out of range")
+        out.append((int(t), int(c)) if t else None)
+    return out
 
 
 def _finite(value: Any, what: str, *, allow_inf: bool = False) -> float:
@@ -143,6 +159,8 @@ def sort_secure_stage(replies: Iterable[Message], asked: Asked, out: TrainReplie
             declined = _per_device(report, "declined", 1, "report")[0]
             eps = _per_device(report, "epsilon", 1, "report", allow_inf=not dp)[0]
             eps_subverted = _per_device(report, "epsilon-subverted", 1, "report", allow_inf=True)[0]
+            eps_honest = _per_device(report, "epsilon-honest", 1, "report", allow_inf=True)[0]
+            seen = _secure_seen(report, 1)[0]
             rule = _refusals(reply, 1)[0]
             if declined not in (0.0, 1.0) or eps < 0 or (rule and not declined) or \
                     (declined and stage not in ("keys", "masked")):
@@ -158,6 +176,9 @@ def sort_secure_stage(replies: Iterable[Message], asked: Asked, out: TrainReplie
             log.warning("rejected the %s reply of node %d (%s): %s", stage, node, device, err)
             continue
         out.epsilon[device], out.epsilon_subverted[device] = eps, eps_subverted
+        out.epsilon_honest[device] = eps_honest
+        if seen is not None:
+            out.secure_seen[device] = seen
         if rule:
             out.refused[device] = rule
         elif declined:
@@ -192,6 +213,9 @@ def _sort_reports(replies: Iterable[Message], asked: Asked, record: str,
             eps = _per_device(report, "epsilon", len(devices), "report", allow_inf=not dp)
             eps_subverted = _per_device(report, "epsilon-subverted", len(devices), "report", allow_inf=True) \
                 if "epsilon-subverted" in report else eps
+            eps_honest = _per_device(report, "epsilon-honest", len(devices), "report", allow_inf=True) \
+                if "epsilon-honest" in report else eps
+            seen = _secure_seen(report, len(devices))
             rules = _refusals(reply, len(devices))
             if any(d not in (0.0, 1.0) for d in declined) or min(eps) < 0 or \
                     any(rule and not flag for rule, flag in zip(rules, declined)):
@@ -217,6 +241,8 @@ def _sort_reports(replies: Iterable[Message], asked: Asked, record: str,
         out.declined += [d for d, rule in zip(devices, rules) if d not in trained and not rule]
         out.epsilon.update(zip(devices, eps))
         out.epsilon_subverted.update(zip(devices, eps_subverted))
+        out.epsilon_honest.update(zip(devices, eps_honest))
+        out.secure_seen.update({d: tc for d, tc in zip(devices, seen) if tc is not None})
     out.trained.sort()
     out.declined.sort()
     return out

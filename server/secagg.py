@@ -1,15 +1,17 @@
-"""The server's side of a real secure sum (shared/secagg.py) on Flower messages: four stages, one device per node.
+"""The server's side of a real secure sum (shared/secagg.py) on Flower messages: five stages, one device per node.
 
-keys -> shares -> masked -> unmask. Devices see the plan and t in the first stage and commit (or refuse,
-or decline) there; the server aborts before anyone trains when fewer than t devices are left after the
-key or share stage, so a sum that cannot be decrypted charges nobody. Devices train only in the masked
-stage; if fewer than t masked vectors arrive, the round is aborted (those devices were charged, and the
-ledger says so). The server never sees one device's vector in clear: what it decrypts is the sum of at
-least t devices' quantised, noised updates.
+keys -> shares -> masked -> consistency -> unmask. Devices see the plan, t and c in the first stage and
+commit (or refuse, or decline) there; the server aborts before anyone trains when fewer than t devices are
+left after the key or share stage, so a sum that cannot be decrypted charges nobody. Devices train only in
+the masked stage; if fewer than t masked vectors (or consistency signatures) arrive, the round is aborted
+(those devices were charged, and the ledger says so). The server never sees one device's vector in clear:
+what it decrypts is the sum of at least t devices' quantised, noised updates, and the devices check that
+themselves (signed advertisements, the consistency round) rather than trusting this code.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -20,11 +22,12 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from fedrec.client.secagg import MESSAGE_TYPES, SECAGG
 from fedrec.shared import protocol as P
 from fedrec.shared.config import RunConfig
 from fedrec.shared.distributed_dp import SumMechanism
 from fedrec.shared.secagg import SecAggError, ServerSession, SessionParams
+
+SECAGG, MESSAGE_TYPES = P.SECAGG, P.SECAGG_MESSAGE_TYPES
 
 from .exchange import send_and_receive
 from .replies import Asked, TrainReplies, sort_secure_stage
@@ -43,7 +46,10 @@ def run_secure_sum(grid: Grid, config: RunConfig, server_round: int, kind: str, 
                              "(the cohort engine models it instead)")
     device_of = {node: devices[0] for node, devices in asked.items()}
     node_of = {device: node for node, device in device_of.items()}
-    params = SessionParams(session_id=os.urandom(16), threshold=mechanism.t_min, vector_length=mechanism.dimension)
+    plan_record = content[P.PLAN] if P.PLAN in content else content[P.PRIOR]
+    digest = hashlib.sha256(json.dumps(dict(plan_record), sort_keys=True, default=str).encode()).digest()
+    params = SessionParams(session_id=os.urandom(16), threshold=mechanism.t_min, vector_length=mechanism.dimension,
+                           colluders=mechanism.colluders, server_round=server_round, plan_digest=digest)
     session = ServerSession(params)
     plan_records = {k: v for k, v in content.items() if k != P.TABLES}
     out = TrainReplies()
@@ -67,17 +73,21 @@ def run_secure_sum(grid: Grid, config: RunConfig, server_round: int, kind: str, 
         log.warning("round %d (%s): secure sum aborted at the %s stage: %s", server_round, kind, stage, err)
         return out, None, len(out.trained)
 
-    # 1. keys: the plan and t; refusals and declines stay out (data-free: from the plan and public histories)
+    # 1. keys: the plan, t and c; refusals and declines stay out (data-free: from the plan and public histories)
     key_params = {"params": _flat(params.to_dict())}
     keys = send("keys", device_of, {n: key_params for n in device_of})
-    advertised = {d: {"c": bytes(r[SECAGG]["c"]), "s": bytes(r[SECAGG]["s"])} for d, r in _joined(keys).items()}
+    advertised = {d: {f: bytes(r[SECAGG][f]) for f in ("c", "s", "cert", "sig")} for d, r in _joined(keys).items()
+                  if all(f in r[SECAGG] for f in ("c", "s", "cert", "sig"))}
     try:
-        broadcast = session.receive_keys(advertised)
+        broadcast, excluded = session.receive_keys(advertised)
     except SecAggError as err:
         return abort("keys", err)
+    for device, why in excluded.items():
+        out.rejected[device] = why
+        log.warning("round %d (%s): left %s out of the secure sum: %s", server_round, kind, device, why)
     ids = sorted(broadcast)
-    key_list = {"ids": ids, "c": [broadcast[i]["c"] for i in ids], "s": [broadcast[i]["s"] for i in ids]}
-    # 2. shares
+    key_list = {"ids": ids, **{f: [broadcast[i][f] for i in ids] for f in ("c", "s", "cert", "sig")}}
+    # 2. shares: each device checks every advertisement itself before it shares anything
     sent = send("shares", [node_of[d] for d in ids], {node_of[d]: key_list for d in ids})
     try:
         routed = session.route_shares({d: dict(zip(r[SECAGG]["to"], (bytes(c) for c in r[SECAGG]["ct"])))
@@ -99,8 +109,16 @@ def run_secure_sum(grid: Grid, config: RunConfig, server_round: int, kind: str, 
         alive, dead = session.receive_masked(masked)
     except SecAggError as err:
         return abort("masked", err)
-    # 4. unmask
-    shares = send("unmask", [node_of[d] for d in alive], {node_of[d]: {"alive": alive, "dead": dead} for d in alive})
+    # 4. consistency: every survivor signs the view it is told
+    view = {"alive": alive, "dead": dead}
+    signed = send("consistency", [node_of[d] for d in alive], {node_of[d]: view for d in alive})
+    try:
+        signatures = session.receive_signatures({d: bytes(r[SECAGG]["sig"]) for d, r in _joined(signed).items()})
+    except (SecAggError, KeyError, TypeError) as err:
+        return abort("consistency", err)
+    # 5. unmask: each signer checks t signatures of its own U1 over the same view, then reveals
+    relay = {"signers": sorted(signatures), "sig": [signatures[d] for d in sorted(signatures)]}
+    shares = send("unmask", [node_of[d] for d in signatures], {node_of[d]: relay for d in signatures})
     try:
         total = session.unmask({d: dict(zip(r[SECAGG]["ids"], (bytes(s) for s in r[SECAGG]["share"])))
                                 for d, r in _joined(shares).items()})

@@ -28,13 +28,22 @@ NEIGHBOURING_RELATION = ("record level: two behaviour logs of one device are nei
 TRUST_MODELS = {
     "local": "local DP: every device adds the full noise to what it sends; the guarantee holds against anyone, "
              "the server included",
-    "distributed": "distributed DP: the stated epsilon holds against a server that follows the secure-aggregation "
-                   "protocol (it decrypts only sums of at least t devices) while enough devices in each sum are "
-                   "honest; against a server that subverts aggregation only a device's own noise share protects it "
-                   "(epsilon_max_subverted)",
+    "distributed": "distributed DP: the stated epsilon (the headline, epsilon_max_malicious) holds against a server "
+                   "that deviates arbitrarily from the secure-aggregation protocol and colludes with at most the c "
+                   "devices each device's policy assumes, as long as it cannot enrol identities; against a server "
+                   "that follows the protocol it is epsilon_max_honest; against one that also controls enrolment only "
+                   "a device's own noise share protects it (epsilon_max_subverted)",
     "none": "no differential privacy: updates are not private",
 }
 TRUST_MODELS["user"] = TRUST_MODELS["distributed"].replace("distributed DP", "user-level distributed DP")
+
+# The three figures of the secure modes, one line each for the threat it holds against (server/audit.py states the
+# same lines in audit.json).
+THREATS = {
+    "honest": "the server follows the protocol",
+    "malicious": "the server deviates arbitrarily and colludes with at most c devices, but cannot enrol identities",
+    "own_share": "the server also controls enrolment: only the device's own noise share protects it",
+}
 
 
 def device_epsilons(records: RunRecords, key: str = "epsilon_reported",
@@ -93,23 +102,31 @@ def privacy_summary(config: RunConfig, records: RunRecords, noise_multiplier: fl
         record_level["note"] = "DP disabled: updates are not private (epsilon is infinite, null here)"
     elif without_dp:
         record_level["note"] = "some devices released without DP: their epsilon is infinite (null here)"
-    subverted, _, _ = device_epsilons(records, "epsilon_subverted_reported")
-    subverted_values = [subverted[d] for d in sorted(released) if d in subverted]
-    figure_max_subverted = _finite(max(subverted_values)) if subverted_values and config.dp else none
+    # the three figures by threat (equal in the local mode): honest, malicious with c colluders (the headline, the
+    # `epsilon_max` above, on which budgets are enforced), own share (`epsilon_max_subverted`)
+    threat_figures: dict[str, float | None] = {}
+    for name, key in (("epsilon_max_honest", "epsilon_honest_reported"), ("epsilon_max_malicious", "epsilon_reported"),
+                      ("epsilon_max_subverted", "epsilon_subverted_reported")):
+        figure, _, _ = device_epsilons(records, key)
+        figure_values = [figure[d] for d in sorted(released) if d in figure]
+        threat_figures[name] = _finite(max(figure_values)) if figure_values and config.dp else none
     aggregation = secure_aggregation_kind(config, simulated=randomness.reproducible)
     out: dict[str, Any] = {"mode": config.privacy, "secure_aggregation": aggregation,
                            "trust_model": TRUST_MODELS[config.privacy]}
+    if config.privacy in ("distributed", "user"):
+        out["threats"] = {"epsilon_max_honest": THREATS["honest"], "epsilon_max_malicious": THREATS["malicious"],
+                          "epsilon_max_subverted": THREATS["own_share"]}
     if config.privacy == "user":
         # devices report their user-level figures in this mode; a user-level guarantee covers every record too
         user_figures = {k: record_level.pop(k) for k in ("epsilon_max", "epsilon_median", "budget")}
         record_level["note"] = ("implied by the user-level guarantee (a record changed inside a device moves its "
                                 "clipped update by up to 2S: `fedrec audit` recomputes it from the ledger)")
-        out["user_level"] = {**user_figures, "epsilon_max_subverted": figure_max_subverted, "delta": config.delta,
+        out["user_level"] = {**user_figures, **threat_figures, "delta": config.delta,
                              "update_clip": float(config.delta_clip_norm), "noise_multiplier": noise_multiplier,
                              "amplification": "none (the server chose the sample)",
                              "neighbouring_relation": "user level: add or remove one device with all its data"}
     else:
-        record_level["epsilon_max_subverted"] = figure_max_subverted
+        record_level.update(threat_figures)
     out["record_level"] = record_level
     out["server_randomness"] = randomness.describe()
     # the catalogue size bounds a popularity report's user-level norm

@@ -97,7 +97,7 @@ class RunConfig:
     dp: bool = _opt(True, "differential privacy on every device (false is privacy='none')")
     privacy: str = _opt("local", "local: record-level DP, every device adds the full noise to what it sends (trusts "
                                  "no one) | distributed: record-level DP, devices mask their updates so the server "
-                                 "decrypts only sums (secure aggregation) and each adds 1/t of the noise | user: "
+                                 "decrypts only sums (secure aggregation) and each adds 1/(t - c) of the noise | user: "
                                  "user-level DP (the whole device is the unit) on the same secure sums | none: no DP "
                                  "(what --no-dp sets)", choices=PRIVACY_MODES)
     aggregation_threshold: float = _opt(0.8, "distributed and user modes: the secure sum decrypts only with at least "
@@ -105,6 +105,11 @@ class RunConfig:
                                              "each device adds 1/t of the noise, so fewer survivors abort the "
                                              "round; above 0.5, as secure aggregation needs t > n / 2",
                                         min_exclusive=0.5, max=1.0)
+    colluders: float | str = _opt(AUTO, "distributed and user modes: c, the devices of a sum assumed to collude "
+                                        "with a malicious server ('auto' = ceil(t / 10), the devices' default "
+                                        "policy); each device's noise share is 1/(t - c), so a sum stripped of c "
+                                        "shares still carries the full noise; devices refuse fewer than they assume",
+                                  auto_ok=True, min=0.0)
     noise_multiplier: float | str = _opt(AUTO, "DP-SGD noise multiplier sigma, or 'auto' to calibrate it to the "
                                                "epsilon budget from the expected participation", auto_ok=True, min_exclusive=0.0)
     clip_norm: float = _opt(1.0, "per-example gradient clipping bound C", min_exclusive=0.0)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import TYPE_CHECKING, Protocol
@@ -56,6 +57,8 @@ class StateStore(Protocol):
 
     def save(self, state: DeviceState) -> None: ...
 
+    def locked(self) -> AbstractContextManager[object]: ...
+
 
 @dataclass(frozen=True)
 class TrainOutcome:
@@ -64,7 +67,9 @@ class TrainOutcome:
     embedding_delta: np.ndarray | None = None
     bias_delta: np.ndarray | None = None
     refused: str = ""  # the policy rule the plan broke ('' = none)
-    epsilon_subverted: float = math.nan  # the same against a server that subverts secure aggregation
+    epsilon_subverted: float = math.nan  # own share: against a server that also controls enrolment
+    epsilon_honest: float = math.nan  # against a server that follows the protocol
+    secure_sum: tuple[int, int] | None = None  # (t, c) the device accounted this release with (secure modes)
 
 
 @dataclass(frozen=True)
@@ -111,43 +116,51 @@ class Device:
             return math.inf
         return epsilon(state.history if history is None else history, delta=min(delta, self.policy.max_delta))
 
-    def figures(self, state: DeviceState, delta: float, *, user_level: bool) -> tuple[float, float]:
-        """(honest-but-curious, subverted-aggregation) epsilon at the record or user level."""
+    def figures(self, state: DeviceState, delta: float, *, user_level: bool) -> tuple[float, float, float]:
+        """(malicious with c colluders: the headline, honest-but-curious, own share) epsilon at the record or user
+        level (shared/privacy/releases.py)."""
         if state.non_private or (user_level and state.not_user_level):
-            return math.inf, math.inf
-        histories = (state.user_history, state.user_subverted_history) if user_level else \
-            (state.history, state.subverted_history)
+            return math.inf, math.inf, math.inf
+        histories = (state.user_history, state.user_honest_history, state.user_subverted_history) if user_level \
+            else (state.history, state.honest_history, state.subverted_history)
         delta = min(delta, self.policy.max_delta)
-        return epsilon(histories[0], delta=delta), epsilon(histories[1], delta=delta)
+        return tuple(epsilon(h, delta=delta) for h in histories)  # type: ignore[return-value]
 
-    def _outcome(self, state: DeviceState, plan: Plan, *, declined: bool, refused: str = "") -> TrainOutcome:
-        honest, subverted = self.figures(state, plan.delta, user_level=getattr(plan, "privacy", "") == "user")
-        return TrainOutcome(declined=declined, epsilon=honest, epsilon_subverted=subverted, refused=refused)
+    def _outcome(self, state: DeviceState, plan: Plan, *, declined: bool, refused: str = "",
+                 secure_sum: tuple[int, int] | None = None) -> TrainOutcome:
+        headline, honest, own = self.figures(state, plan.delta, user_level=getattr(plan, "privacy", "") == "user")
+        return TrainOutcome(declined=declined, epsilon=headline, epsilon_subverted=own, epsilon_honest=honest,
+                            refused=refused, secure_sum=secure_sum)
 
     def train(self, plan: LocalTrainingPlan, tables: ItemTables) -> TrainOutcome:
         return train_devices([self], plan, tables)[0]
 
-    def admit(self, plan: Plan, state: DeviceState, t_min: int = 0) -> TrainOutcome | None:
+    def admit(self, plan: Plan, state: DeviceState, t_min: int = 0, colluders: int = 0, *,
+              shape: tuple[int, int] = (0, 0)) -> TrainOutcome | None:
         """The refusal (policy) or decline (budget) for `plan`, or None if the device may go ahead.
 
-        Decided from the plan, the secure sum's threshold `t_min` (secure modes) and the stored history
-        alone, before any of the device's data is read.
+        Decided from the plan, the secure sum's threshold `t_min` and assumed colluders (secure modes) and the
+        stored history alone, before any of the device's data is read.
         """
-        rule = self.policy.refusal(plan, t_min)
+        rule = self.policy.refusal(plan, t_min, colluders, num_items=shape[0], dim=shape[1])
         if rule:
-            refused = (*state.refused, (plan.server_round, rule))[-MAX_REFUSALS_KEPT:]
-            state = replace(state, refused=refused)
-            self.store.save(state)
-            return self._outcome(state, plan, declined=True, refused=rule)
-        if plan.dp and self._past_budget(plan, state, t_min):
+            return self.refuse(plan, state, rule)
+        if plan.dp and self._past_budget(plan, state, t_min, colluders):
             state = replace(state, declined=(*state.declined, plan.server_round)[-MAX_REFUSALS_KEPT:])
             self.store.save(state)
             return self._outcome(state, plan, declined=True)
         return None
 
-    def _past_budget(self, plan: Plan, state: DeviceState, t_min: int) -> bool:
-        """Would the release take the device past its budget (or its cap against subverted aggregation)?"""
-        cost = release_cost(plan, t_min)
+    def refuse(self, plan: Plan, state: DeviceState, rule: str) -> TrainOutcome:
+        """Record that `plan` broke `rule` (kept in the state for the device's owner) and return the refusal."""
+        state = replace(state, refused=(*state.refused, (plan.server_round, rule))[-MAX_REFUSALS_KEPT:])
+        self.store.save(state)
+        return self._outcome(state, plan, declined=True, refused=rule)
+
+    def _past_budget(self, plan: Plan, state: DeviceState, t_min: int, colluders: int = 0) -> bool:
+        """Would the release take the device past its budget (on the headline figure: a malicious server with c
+        colluders) or its cap on the own-share figure?"""
+        cost = release_cost(plan, t_min, colluders)
         user_level = getattr(plan, "privacy", "") == "user"
         if user_level and state.not_user_level:
             return True  # a user-level figure it can no longer make finite: never spend towards it
@@ -161,11 +174,10 @@ class Device:
     def report_popularity(self, plan: PopularityPlan, num_items: int, *,
                           nonce: int = 0) -> tuple[TrainOutcome, np.ndarray | None]:
         """The noisy item indicator of this device (see shared/popularity.py), or a refusal/decline."""
-        state = self.load_state()
-        verdict = self.admit(plan, state)
+        verdict, _ = self.reserve(plan)  # charged before the data is read (see train_devices)
         if verdict is not None:
             return verdict, None
-        outcome = self.commit(plan, state)  # charged before the data is read (see train_devices)
+        outcome = self.outcome(plan)
         report = noisy_indicator(self.split.train_items, self.split.train_weights, num_items, plan=plan,
                                  seed=_noise_seed(self.settings.seed, [self.device_key], plan.server_round, nonce))
         return outcome, report
@@ -173,13 +185,12 @@ class Device:
     def evaluate(self, plan: EvaluationPlan, tables: ItemTables, *,
                  nonce: int = 0) -> tuple[TrainOutcome, dict[str, float] | None]:
         """Metrics of the received model on this device's held-out item: noised and charged, or refused/declined."""
-        state = self.load_state()
-        verdict = self.admit(plan, state)
-        if verdict is not None:
-            return verdict, None
         # Charged before the data is read: a failure while ranking (the server shapes the tables' size) is
         # never free to repeat.
-        outcome = self.commit(plan, state)
+        verdict, _ = self.reserve(plan)
+        if verdict is not None:
+            return verdict, None
+        outcome = self.outcome(plan)
         row = refit_user_row(tables, self.split.train_items, self.split.train_weights, l2=plan.refit_l2)
         ranked = rank_scores(tables.scores(row[None]), [self.split], target="test")
         exact = {k: float(ranked[k][0]) for k in RELEASED_METRICS}
@@ -204,26 +215,49 @@ class Device:
         return DeviceTrainingData(items=self.split.train_items, weights=self.split.train_weights,
                                   seed=(self.settings.seed, self.device_key, plan.server_round, nonce))
 
-    def commit(self, plan: Plan, state: DeviceState, user_row: np.ndarray | None = None,
-               history: Sequence[HistoryEntry] | None = None, t_min: int = 0) -> TrainOutcome:
-        """Store the release (`charge`) and return its outcome, with the epsilons the device reports."""
-        return self._outcome(self.charge(plan, state, user_row, history, t_min), plan, declined=False)
+    def screen(self, plan: Plan, t_min: int = 0, colluders: int = 0, rule: str = "", *,
+               shape: tuple[int, int] = (0, 0)) -> TrainOutcome | None:
+        """Under the state's lock, on the state as stored now: the refusal (`rule`, or the policy's) or decline for
+        `plan`, recorded, or None if it may go ahead (nothing is charged: see reserve)."""
+        with self.store.locked():
+            state = self.load_state()
+            return self.refuse(plan, state, rule) if rule else self.admit(plan, state, t_min, colluders, shape=shape)
 
-    def charge(self, plan: Plan, state: DeviceState, user_row: np.ndarray | None = None,
-               history: Sequence[HistoryEntry] | None = None, t_min: int = 0) -> DeviceState:
-        """Store the release atomically (new user row, the four histories with its cost); returns the new state.
+    def reserve(self, plan: Plan, t_min: int = 0, colluders: int = 0, *,
+                shape: tuple[int, int] = (0, 0)) -> tuple[TrainOutcome | None, DeviceState]:
+        """Admit and charge `plan` in one step under the state's lock: (the refusal or decline, or None once
+        charged; the state as it was before the charge). Write-ahead: the release is stored before any data is
+        read, so a failure afterwards (an error, the process killed) is never free to repeat, and no other
+        message on the same state can interleave between the budget check and the charge."""
+        with self.store.locked():
+            state = self.load_state()
+            verdict = self.admit(plan, state, t_min, colluders, shape=shape)
+            if verdict is None:
+                self.charge(plan, state, t_min=t_min, colluders=colluders)
+            return verdict, state
 
-        `user_row`: the row the release trained (None: unchanged); a 'user' plan's goes to `user_row_exact`.
-        `history`: the record-level history Opacus's accountant composed in local mode (the same steps).
-        """
-        cost = release_cost(plan, t_min)
-        record = history if history is not None and getattr(plan, "privacy", "local") == "local" else \
-            [*state.history, *cost.record]
-        rows = {} if user_row is None else \
-            {"user_row_exact" if getattr(plan, "privacy", "") == "user" else "user_row": user_row}
+    def store_row(self, plan: Plan, user_row: np.ndarray) -> None:
+        """After training: keep the new user row, on the state as it is now (re-read under the lock, so a charge
+        stored since the round started is never overwritten). A 'user' plan's row goes to `user_row_exact`."""
+        with self.store.locked():
+            field_name = "user_row_exact" if getattr(plan, "privacy", "") == "user" else "user_row"
+            self.store.save(replace(self.load_state(), **{field_name: user_row}))
+
+    def outcome(self, plan: Plan, secure_sum: tuple[int, int] | None = None) -> TrainOutcome:
+        """The outcome of a committed release, with the figures of the state as stored now."""
+        return self._outcome(self.load_state(), plan, declined=False, secure_sum=secure_sum)
+
+    def charge(self, plan: Plan, state: DeviceState, t_min: int = 0, colluders: int = 0) -> DeviceState:
+        """Store `state` with the release's cost added to its six histories (atomically); returns the new state.
+        Callers hold the store's lock and pass the state they loaded under it (see reserve)."""
+        cost = release_cost(plan, t_min, colluders)
         new_state = replace(
-            state, **rows, history=tuple(compact_history(record)),
+            state, history=tuple(compact_history([*state.history, *cost.record])),
             subverted_history=tuple(compact_history([*state.subverted_history, *cost.record_subverted])),
+            honest_history=tuple(compact_history([*state.honest_history, *cost.record_honest])),
+            user_honest_history=tuple(compact_history([*state.user_honest_history, *(cost.user_honest or [])])),
+            secure_sums=(*state.secure_sums, (plan.server_round, t_min, colluders))[-MAX_REFUSALS_KEPT:]
+            if t_min else state.secure_sums,
             user_history=tuple(compact_history([*state.user_history, *(cost.user or [])])),
             user_subverted_history=tuple(compact_history([*state.user_subverted_history,
                                                           *(cost.user_subverted or [])])),
@@ -236,7 +270,7 @@ class Device:
 def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: ItemTables, *,
                   into: PartialSum | None = None, delta_clip: float = 0.0, nonce: int = 0,
                   max_cohort_bytes: int = COHORT_BYTES, secure: GridSum | None = None,
-                  t_min: int = 0) -> list[TrainOutcome]:
+                  t_min: int = 0, colluders: int = 0) -> list[TrainOutcome]:
     """One round for several devices: policy and budget checks, then Opacus passes over cohorts of those that train.
 
     Each device's clipping, noise and accounting are exactly those of training it alone
@@ -246,7 +280,8 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
     outcome: a node's memory then stays at one cohort, however many devices it trains.
     `nonce` names the attempt of the round, so a round run again draws fresh noise.
     `secure` (distributed and user modes): each update is put on the grid and added there instead (the
-    caller adds the devices' noise shares and masks the sum); `t_min` is the secure sum's threshold.
+    caller adds the devices' noise shares and masks the sum); `t_min` is the secure sum's threshold and
+    `colluders` the devices assumed to collude with the server in it.
     """
     from .training import train_cohort  # torch and Opacus: the one path that needs them
 
@@ -254,32 +289,32 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
     if any(d.policy.exact_clipping for d in devices):  # how the device clips is its own choice, not the plan's
         plan = replace(plan, grad_sample_mode="hooks")
 
-    states = [d.load_state() for d in devices]
-    outcomes: list[TrainOutcome | None] = [device.admit(plan, state, t_min) for device, state in zip(devices, states)]
+    outcomes: list[TrainOutcome | None] = []
+    states: list[DeviceState] = []
+    for device in devices:
+        # Write-ahead under the lock: every device that trains is charged before any data is read.
+        verdict, state = device.reserve(plan, t_min, colluders, shape=(tables.num_items, tables.dim))
+        outcomes.append(verdict)
+        states.append(state)
     active = [j for j, verdict in enumerate(outcomes) if verdict is None]
     per_device = 4 * tables.num_items * (tables.dim + 1)
     size = max(1, max_cohort_bytes // per_device)
+    secure_sum = (t_min, colluders) if t_min else None
     for start in range(0, len(active), size):
         cohort = active[start:start + size]
         keys = [devices[j].device_key for j in cohort]
-        for j in cohort:
-            # Write-ahead: the round is charged before any data is read, so a failure while training (an error, or
-            # the process killed for memory, which a server can steer through the plan's shape) is never free to
-            # repeat. The commit after training starts from the same state: the same charge, plus the new row.
-            devices[j].charge(plan, states[j], None, t_min=t_min)  # its outcome is the commit's, below
         update = train_cohort(plan, tables, np.stack([devices[j].user_row(states[j], tables.dim, plan)
                                                       for j in cohort]),
                               [devices[j].training_data(plan, nonce) for j in cohort],
                               [states[j].history for j in cohort],
                               noise_seed=_noise_seed(devices[cohort[0]].settings.seed, keys, plan.server_round, nonce))
         if not all(np.isfinite(a).all() for a in (update.user_rows, update.embedding_delta, update.bias_delta)):
-            # Defence in depth (inputs are bounded on arrival): the steps are spent, nothing non-finite is kept or
-            # sent, since a NaN pattern would show which rows a device's data touched.
-            for row, j in enumerate(cohort):
-                devices[j].charge(plan, states[j], None, update.histories[row], t_min=t_min)
+            # Defence in depth (inputs are bounded on arrival): the steps are spent (charged ahead), nothing
+            # non-finite is kept or sent, since a NaN pattern would show which rows a device's data touched.
             raise NonFiniteUpdate(f"round {plan.server_round}: training produced non-finite values; nothing sent")
         for row, j in enumerate(cohort):
-            outcome = devices[j].commit(plan, states[j], update.user_rows[row], update.histories[row], t_min=t_min)
+            devices[j].store_row(plan, update.user_rows[row])
+            outcome = devices[j].outcome(plan, secure_sum)
             delta = (update.embedding_delta[row], update.bias_delta[row])
             if secure is not None:
                 secure.add(update_vector(plan, *delta))
@@ -294,7 +329,7 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
 
 def report_popularity_sum(devices: Sequence[Device], plan: PopularityPlan, num_items: int, *,
                           nonce: int = 0, secure: GridSum | None = None,
-                          t_min: int = 0) -> tuple[list[TrainOutcome], np.ndarray | None]:
+                          t_min: int = 0, colluders: int = 0) -> tuple[list[TrainOutcome], np.ndarray | None]:
     """A node's popularity report: each device's outcome, and the float64 sum of the reports made (None if none).
 
     `secure` (distributed and user modes): each indicator goes onto the grid there instead (un-noised: the
@@ -304,12 +339,11 @@ def report_popularity_sum(devices: Sequence[Device], plan: PopularityPlan, num_i
     _secure_plan_only(plan, secure)
     if secure is not None:
         for device in devices:
-            state = device.load_state()
-            verdict = device.admit(plan, state, t_min)
+            verdict, _ = device.reserve(plan, t_min, colluders)  # charged before the data is read
             if verdict is not None:
                 outcomes.append(verdict)
                 continue
-            outcomes.append(device.commit(plan, state, t_min=t_min))  # charged before the data is read
+            outcomes.append(device.outcome(plan, (t_min, colluders)))
             secure.add(indicator(device.split.train_items, device.split.train_weights, num_items,
                                  unit_norm=plan.privacy == "user"))
         return outcomes, None

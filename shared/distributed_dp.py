@@ -64,18 +64,23 @@ def accounted_multiplier(noise_multiplier: float, shares: float) -> float:
     return math.sqrt(variance) / l2 / math.sqrt(1.0 + kappa)
 
 
-def distributed_entries(noise_multiplier: float, t_min: int, *, steps: int = 1,
-                        sensitivity_factor: float = 1.0) -> tuple[HistoryEntry, HistoryEntry]:
-    """(honest-but-curious, subverted-aggregation) history entries of `steps` releases into a secure sum.
+def distributed_entries(noise_multiplier: float, t_min: int, colluders: int = 0, *, steps: int = 1,
+                        sensitivity_factor: float = 1.0) -> tuple[HistoryEntry, HistoryEntry, HistoryEntry]:
+    """(honest-but-curious, malicious with c colluders, own share) history entries of `steps` releases into a
+    secure sum of at least `t_min` shares, each share 1 / (t_min - c) of the full noise variance.
 
+    - honest: the server follows the protocol, so a decrypted sum holds t_min honest shares: t / (t - c);
+    - malicious (the headline): the server deviates arbitrarily and colludes with at most c devices, who can
+      subtract their own shares, but it cannot enrol identities: at least t - c honest shares, the full noise;
+    - own share: enrolment subverted too (Sybils): only the device's own share, 1 / (t - c).
     `sensitivity_factor` > 1 accounts a coarser neighbouring relation with the same noise (e.g. 2 for a
     record changed inside a device whose whole update is clipped to S: the update moves by up to 2S).
     """
-    if t_min < 1:
-        raise ValueError(f"t_min={t_min}: at least one device's share must be in a sum")
-    honest = accounted_multiplier(noise_multiplier, 1.0) / sensitivity_factor
-    subverted = accounted_multiplier(noise_multiplier, 1.0 / t_min) / sensitivity_factor
-    return (honest, 1.0, steps), (subverted, 1.0, steps)
+    if t_min < 1 or not 0 <= colluders < t_min:
+        raise ValueError(f"t_min={t_min}, colluders={colluders}: a sum needs 0 <= c < t_min")
+    honest_shares = t_min - colluders
+    return tuple((accounted_multiplier(noise_multiplier, shares) / sensitivity_factor, 1.0, steps)  # type: ignore
+                 for shares in (t_min / honest_shares, 1.0, 1.0 / honest_shares))
 
 
 @dataclass(frozen=True)
@@ -83,13 +88,15 @@ class SumMechanism:
     """What one device adds to a secure sum: a clipped vector on the grid plus its Skellam noise share."""
 
     sensitivity: float  # L2 bound of what one neighbouring change moves the vector by, in real units
-    noise_multiplier: float  # z: the noise of a sum holding t_min shares has std z * sensitivity
+    noise_multiplier: float  # z: the noise of a sum holding t_min - colluders honest shares has std z * sensitivity
     t_min: int  # fewest shares in any sum the server can decrypt
     dimension: int  # coordinates of the vector
+    colluders: int = 0  # c: devices assumed to collude with the server (their shares may be subtracted)
 
     def __post_init__(self) -> None:
         if not (self.sensitivity > 0 and math.isfinite(self.sensitivity) and self.noise_multiplier >= 0
-                and math.isfinite(self.noise_multiplier) and self.t_min >= 1 and self.dimension >= 1):
+                and math.isfinite(self.noise_multiplier) and self.t_min >= 1 and self.dimension >= 1
+                and 0 <= self.colluders < self.t_min):
             raise ValueError(f"sum mechanism out of range: {self}")
         if self.share_variance / 2.0 > MAX_SHARE_RATE:
             raise PlanError(f"noise multiplier {self.noise_multiplier}: a share's Skellam rate "
@@ -102,8 +109,9 @@ class SumMechanism:
 
     @property
     def share_variance(self) -> float:
-        """Skellam variance per coordinate, in grid units, of one device's share."""
-        return (self.noise_multiplier * self.sensitivity / self.grid_step) ** 2 / self.t_min
+        """Skellam variance per coordinate, in grid units, of one device's share: t - c of them carry the full
+        noise, so a sum that c colluders strip of their own shares still does."""
+        return (self.noise_multiplier * self.sensitivity / self.grid_step) ** 2 / (self.t_min - self.colluders)
 
     def quantise(self, vector: np.ndarray) -> tuple[np.ndarray, int]:
         """The vector rounded to the grid and clamped (int64), and how many coordinates the clamp cut."""

@@ -18,11 +18,18 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from .config import RunConfig
+from .memory import training_memory_bytes
 from .privacy.accounting import HistoryEntry
 
 
 RULES = ("allow-no-dp", "max-delta", "min-noise-multiplier", "min-user-noise-multiplier", "max-sample-rate",
-         "max-steps", "min-aggregation-threshold", "allowed-modes")  # the names a refusal may carry
+         "max-steps", "min-aggregation-threshold", "max-aggregation-threshold", "max-colluders", "enrolment",
+         "allowed-modes", "max-subverted-epsilon", "max-memory-mb")  # the names a refusal may carry
+
+# What Shamir-sharing its two secrets costs a device grows with t x |U1| <= 2t^2: about 1.7 s on one core of a
+# 2-core laptop at t = 128 (0.26 s per 16-byte half at t = 100). The default cap keeps that bounded and keeps
+# the own-share figure (which grows with t) in sight.
+DEFAULT_MAX_AGGREGATION_THRESHOLD = 128
 
 
 class PolicyError(ValueError):
@@ -58,9 +65,24 @@ class PrivacyPolicy:
                                         "with ghost clipping, whose norm and applied gradient come from two float32 "
                                         "passes that can disagree where a gradient nearly cancels; the item tables' "
                                         "per-example gradients are then dense (batch x items x dim floats)")
-    max_subverted_epsilon: float = _rule(0.0, "a cap on its epsilon against a server that subverts secure "
-                                              "aggregation (local noise share only): it declines a round past it "
-                                              "(0 = no cap; the figure is always reported)")
+    max_aggregation_threshold: int = _rule(DEFAULT_MAX_AGGREGATION_THRESHOLD,
+                                           "distributed and user modes: the largest t it accepts (Shamir sharing "
+                                           "costs it about t x |U1| field operations, and its own-share figure "
+                                           "grows with t)")
+    max_colluders: str = _rule("auto", "distributed and user modes: the devices it assumes may collude with a "
+                                       "malicious server in one sum (an integer, or auto = ceil(t / 10)); it refuses a "
+                                       "plan that assumes fewer, a t not above them, or |U1| >= 2t - c, and its "
+                                       "noise share makes a sum of t - c honest shares carry the full noise")
+    enrolment_authority: str = _rule("", "distributed and user modes: the enrolment authority's Ed25519 public key "
+                                         "(64 hex digits, from fedrec enrol authority); it shares secrets only with "
+                                         "members certified by it (simulation: the run's own authority)")
+    max_subverted_epsilon: float = _rule(0.0, "a cap on its own-share epsilon, the figure against a server that "
+                                              "also controls enrolment (only its own noise share protects it): it "
+                                              "declines a round past it (0 = no cap; the figure is always "
+                                              "reported, with a warning past 10x the budget)")
+    max_memory_mb: float = _rule(2048.0, "the most memory (MiB) a plan may need for the per-example work of one "
+                                         "training round, computed from public plan quantities only before any "
+                                         "data is read; a plan needing more is refused")
 
     def __post_init__(self) -> None:
         checks = {"epsilon_budget": self.epsilon_budget > 0, "max_delta": 0 < self.max_delta < 1,
@@ -68,6 +90,10 @@ class PrivacyPolicy:
                   "min_user_noise_multiplier": self.min_user_noise_multiplier >= 0,
                   "max_sample_rate": 0 < self.max_sample_rate <= 1, "max_steps": self.max_steps >= 1,
                   "min_aggregation_threshold": self.min_aggregation_threshold >= 1,
+                  "max_aggregation_threshold": self.max_aggregation_threshold >= 2,
+                  "max_colluders": self.max_colluders == "auto" or (self.max_colluders.isdigit()),
+                  "enrolment_authority": self.enrolment_authority == "" or _is_key_hex(self.enrolment_authority),
+                  "max_memory_mb": self.max_memory_mb > 0,
                   "max_subverted_epsilon": self.max_subverted_epsilon >= 0,
                   "allowed_modes": bool(self.modes) and self.modes <= {"local", "distributed", "user"}}
         for name, ok in checks.items():
@@ -88,6 +114,22 @@ class PrivacyPolicy:
         except PolicyError as err:
             raise PolicyError(f"{source}: {err}") from None
 
+    def colluders(self, t: int) -> int:
+        """c, the colluding devices it assumes in a sum of threshold t."""
+        return math.ceil(t / 10) if self.max_colluders == "auto" else int(self.max_colluders)
+
+    def secure_refusal(self, t: int, colluders: int) -> str:
+        """The rule a secure sum's threshold t and assumed colluders c break ('' if none): t within its bounds,
+        the plan assuming at least the colluders it assumes itself, and c < t (so a decryptable sum always holds
+        honest shares)."""
+        if t < max(2, self.min_aggregation_threshold):
+            return "min-aggregation-threshold"
+        if t > self.max_aggregation_threshold:
+            return "max-aggregation-threshold"
+        if colluders < self.colluders(t) or colluders >= t:
+            return "max-colluders"
+        return ""
+
     @property
     def modes(self) -> set[str]:
         """allowed-modes as a set (comma- or space-separated in the settings)."""
@@ -104,15 +146,22 @@ class PrivacyPolicy:
     def to_mapping(self) -> dict[str, Any]:
         return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def refusal(self, plan: Plan, t_min: int = 0) -> str:
-        """The rule `plan` breaks ('' if none). Reads only the plan and the secure sum's threshold `t_min` (which
-        the device enforces in the protocol itself): no device data, no state."""
+    def refusal(self, plan: Plan, t_min: int = 0, colluders: int = 0, *, num_items: int = 0, dim: int = 0) -> str:
+        """The rule `plan` breaks ('' if none). Reads only the plan, the secure sum's threshold `t_min` and the
+        colluders `colluders` it assumes (both of which the device enforces in the protocol itself): no device
+        data, no state. With the received item tables' shape (`num_items` x `dim`), a training plan's peak memory
+        need (shared/memory.py, public quantities only, the device training alone) is held to max-memory-mb."""
+        if num_items and dim and hasattr(plan, "num_negatives") and training_memory_bytes(
+                plan, num_items=num_items, dim=dim, exact_clipping=self.exact_clipping) > self.max_memory_mb * 2**20:
+            return "max-memory-mb"
         if not plan.dp:
             return "" if self.allow_no_dp else "allow-no-dp"
         if getattr(plan, "privacy", "local") not in self.modes:
             return "allowed-modes"
-        if getattr(plan, "privacy", "local") != "local" and t_min < self.min_aggregation_threshold:
-            return "min-aggregation-threshold"
+        if getattr(plan, "privacy", "local") != "local":
+            rule = self.secure_refusal(t_min, colluders)
+            if rule:
+                return rule
         if plan.delta > self.max_delta:
             return "max-delta"
         if not plan.noise_multiplier >= self.min_noise_multiplier:
@@ -173,6 +222,13 @@ def read_policy_file(path: Path) -> dict[str, Any]:
         return tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as err:
         raise PolicyError(f"{path}: cannot read the privacy policy ({type(err).__name__}: {err})") from None
+
+
+def _is_key_hex(text: str) -> bool:
+    try:
+        return len(bytes.fromhex(text)) == 32
+    except ValueError:
+        return False
 
 
 def _key(name: str) -> str:

@@ -14,6 +14,9 @@ Eval reply:     metrics {hr@10, ndcg@10, recall@20: [per device that released, n
 Popularity:     request prior (PopularityPlan) + cohort; reply counts {item-counts} (the sum
                 of the reporting devices' noisy indicators; absent when all declined)
                 + report + device
+Secure sum:     five train messages per sum, one device per node (shared/secagg.py): keys, shares, masked,
+                consistency, unmask; each request carries the plan or prior, the cohort and a secagg record
+                {stage, ...}; replies carry report + device and the stage's secagg record (masked: grid).
 Hello (query):  reply device {device-ids} (the devices the node hosts)
 Errors:         a code naming the kind of error (never its message, which may quote data)
 Nothing else leaves a device: no user row, no data size, no loss. With one device per node
@@ -50,6 +53,13 @@ REFUSED = "refused"
 THRESHOLD = "sum-threshold"  # modelled secure sum (cohort engine): t, the fewest shares in a decryptable sum
 GRID = "grid"  # a node's (noised, modelled) or a device's (masked, real) contribution to a secure sum
 GRID_SUM = "grid-sum"
+COLLUDERS = "sum-colluders"  # modelled secure sum: c, the devices assumed to collude with the server
+SECURE_SUM_SEEN = "secure-sum"  # report: the (t, c) each device accounted its release with
+
+# The real secure sum: the protocol record of every stage's request, the stages in order, their message types.
+SECAGG = "secagg"
+SECAGG_STAGES = ("keys", "shares", "masked", "consistency", "unmask")
+SECAGG_MESSAGE_TYPES = {stage: f"train.secagg_{stage}" for stage in SECAGG_STAGES}
 
 
 class ProtocolError(ValueError):
@@ -136,12 +146,16 @@ def delta_clip(cohort: Mapping[str, object]) -> float:
     return float(value)
 
 
-def threshold(cohort: Mapping[str, object]) -> int:
-    """t of a modelled secure sum (cohort engine); a missing or non-positive value is refused."""
+def threshold(cohort: Mapping[str, object]) -> tuple[int, int]:
+    """(t, c) of a modelled secure sum (cohort engine): its threshold and the colluders it assumes; a missing or
+    out-of-range value is refused."""
     value = cohort.get(THRESHOLD) if hasattr(cohort, "get") else None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ProtocolError(f"cohort: '{THRESHOLD}' should be an integer >= 1, got {value!r}")
-    return value
+    colluders = cohort.get(COLLUDERS, 0) if hasattr(cohort, "get") else None
+    if isinstance(colluders, bool) or not isinstance(colluders, int) or not 0 <= colluders < value:
+        raise ProtocolError(f"cohort: '{COLLUDERS}' should be an integer in [0, {value}), got {colluders!r}")
+    return value, colluders
 
 
 def grid_from_arrays(arrays: Mapping[str, np.ndarray], dimension: int, dtype: type = np.int64) -> np.ndarray:

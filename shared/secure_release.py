@@ -7,7 +7,7 @@ The vector is the item-embedding delta, plus the item-bias delta when biases tra
   joining or leaving the sum moves it by at most S);
 - the popularity report: the item indicator (record level: one (device, item) pair moves one entry
   by at most 1; user level: the indicator scaled into the unit ball).
-Noise: shared/distributed_dp.py, 1/t_min of the sum's variance per device.
+Noise: shared/distributed_dp.py, 1/(t_min - c) of the sum's variance per device.
 """
 
 from __future__ import annotations
@@ -23,14 +23,16 @@ def update_dimension(plan: LocalTrainingPlan, num_items: int, dim: int) -> int:
     return num_items * (dim + (1 if plan.train_biases else 0))
 
 
-def training_mechanism(plan: LocalTrainingPlan, num_items: int, dim: int, t_min: int) -> SumMechanism:
+def training_mechanism(plan: LocalTrainingPlan, num_items: int, dim: int, t_min: int,
+                       colluders: int = 0) -> SumMechanism:
     sensitivity = plan.update_clip if plan.privacy == "user" else plan.lr * plan.clip_norm
     return SumMechanism(sensitivity=sensitivity, noise_multiplier=plan.noise_multiplier, t_min=t_min,
-                        dimension=update_dimension(plan, num_items, dim))
+                        dimension=update_dimension(plan, num_items, dim), colluders=colluders)
 
 
-def popularity_mechanism(plan: PopularityPlan, num_items: int, t_min: int) -> SumMechanism:
-    return SumMechanism(sensitivity=1.0, noise_multiplier=plan.noise_multiplier, t_min=t_min, dimension=num_items)
+def popularity_mechanism(plan: PopularityPlan, num_items: int, t_min: int, colluders: int = 0) -> SumMechanism:
+    return SumMechanism(sensitivity=1.0, noise_multiplier=plan.noise_multiplier, t_min=t_min, dimension=num_items,
+                        colluders=colluders)
 
 
 def update_vector(plan: LocalTrainingPlan, embedding_delta: np.ndarray, bias_delta: np.ndarray) -> np.ndarray:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import json
 import logging
 import os
 import tempfile
+import threading
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +22,11 @@ import numpy as np
 from .model import ItemTables
 from .privacy.accounting import HistoryEntry, normalize_history
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2
+# Format 1 (before enrolled identities) accounted secure-mode releases as if the server followed the protocol,
+# with keys it could substitute: against a malicious server only a device's own share protected them. Its
+# states are read with that own-share history as the headline (see _migrate_format_1): charged, never dropped.
+READABLE_FORMATS = (1, 2)
 
 log = logging.getLogger("fedrec.state")
 
@@ -38,10 +46,15 @@ class DeviceState:
     declined: tuple[int, ...] = field(default=())  # server rounds it declined for budget
     refused: tuple[tuple[int, str], ...] = ()  # (server round, policy rule) of every plan it refused
     non_private: bool = False  # it once released something without DP (its own policy allowed it): epsilon is inf
-    # The other three figures of shared/privacy/releases.py (`history` is the record-level, honest one).
-    subverted_history: tuple[HistoryEntry, ...] = ()
+    # The other five figures of shared/privacy/releases.py (`history` is the record-level headline: against a
+    # malicious server with c colluders; the budget is enforced on it, or on `user_history` at user level).
+    subverted_history: tuple[HistoryEntry, ...] = ()  # own share (enrolment subverted)
     user_history: tuple[HistoryEntry, ...] = ()
     user_subverted_history: tuple[HistoryEntry, ...] = ()
+    honest_history: tuple[HistoryEntry, ...] = ()  # honest-but-curious server
+    user_honest_history: tuple[HistoryEntry, ...] = ()
+    # (t, c) of every secure sum it committed to, by round: what it accounted with, for the audit
+    secure_sums: tuple[tuple[int, int, int], ...] = ()
     not_user_level: bool = False  # it once made a release without a user-level guarantee: user-level epsilon inf
     # The user row that 'user' mode fits without noise. Kept apart from `user_row` (fitted only by accounted,
     # noised steps): a record-level round must never start from a row fitted exactly to the device's data,
@@ -61,6 +74,9 @@ class DeviceState:
             "subverted_history": [list(h) for h in self.subverted_history],
             "user_history": [list(h) for h in self.user_history],
             "user_subverted_history": [list(h) for h in self.user_subverted_history],
+            "honest_history": [list(h) for h in self.honest_history],
+            "user_honest_history": [list(h) for h in self.user_honest_history],
+            "secure_sums": [list(s) for s in self.secure_sums],
             "not_user_level": self.not_user_level,
             "user_row_exact": None if self.user_row_exact is None else [float(x) for x in self.user_row_exact],
         }
@@ -109,8 +125,10 @@ def _unseal(raw: bytes, *, source: str) -> tuple[int | None, DeviceState]:
         # A file written by an earlier fedrec spaced its payload differently: check the canonical encoding.
         if not as_written and _digest(_canonical(payload), seq) != digest:
             raise StateError(f"{source}: checksum mismatch (the file was modified or truncated)")
-        if payload["format"] != STATE_FORMAT:
-            raise StateError(f"{source}: state format {payload['format']} is not {STATE_FORMAT}")
+        if payload["format"] not in READABLE_FORMATS:
+            raise StateError(f"{source}: state format {payload['format']} is not one of {READABLE_FORMATS}")
+        if payload["format"] == 1:
+            payload = _migrate_format_1(payload)
         row, exact = payload["user_row"], payload.get("user_row_exact")
         return seq, DeviceState(
             device_id=str(payload["device_id"]),
@@ -121,11 +139,13 @@ def _unseal(raw: bytes, *, source: str) -> tuple[int | None, DeviceState]:
             declined=tuple(int(r) for r in payload["declined"]),
             refused=tuple((int(r), str(rule)) for r, rule in payload.get("refused", [])),
             non_private=bool(payload.get("non_private", False)),
-            # a state written before the four figures: its record history is the subverted one too
-            subverted_history=tuple(normalize_history(payload.get("subverted_history", payload["history"]))),
-            user_history=tuple(normalize_history(payload.get("user_history", []))),
-            user_subverted_history=tuple(normalize_history(payload.get("user_subverted_history", []))),
-            not_user_level=bool(payload.get("not_user_level", bool(payload["history"]))))
+            subverted_history=tuple(normalize_history(payload["subverted_history"])),
+            user_history=tuple(normalize_history(payload["user_history"])),
+            user_subverted_history=tuple(normalize_history(payload["user_subverted_history"])),
+            honest_history=tuple(normalize_history(payload["honest_history"])),
+            user_honest_history=tuple(normalize_history(payload["user_honest_history"])),
+            secure_sums=tuple((int(r), int(t), int(c)) for r, t, c in payload["secure_sums"]),
+            not_user_level=bool(payload["not_user_level"]))
     except StateError:
         raise
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, OverflowError,
@@ -134,7 +154,24 @@ def _unseal(raw: bytes, *, source: str) -> tuple[int | None, DeviceState]:
                          "train, since starting over would reset the privacy budget") from None
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def _migrate_format_1(payload: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 payload in format 2's terms: its own-share histories become the headline.
+
+    Format 1 kept (honest, subverted) histories; its secure-mode releases were made with unauthenticated keys,
+    so against a malicious server only the device's own share held. The headline (where the budget is
+    enforced) is therefore the old subverted history, the honest figure the old headline. Local-mode steps are
+    equal in both, so a device that never joined a secure sum keeps its figure.
+    """
+    history = payload["history"]
+    subverted = payload.get("subverted_history", history)  # a state older still kept one history
+    user, user_subverted = payload.get("user_history", []), payload.get("user_subverted_history", [])
+    return {**payload, "format": STATE_FORMAT, "history": subverted, "honest_history": history,
+            "subverted_history": subverted, "user_history": user_subverted, "user_honest_history": user,
+            "user_subverted_history": user_subverted, "secure_sums": [],
+            "not_user_level": payload.get("not_user_level", bool(history))}
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int | None = None) -> None:
     """Write to a temporary file in the same folder, flush it to disk, then rename it over `path`.
 
     The rename alone makes the write atomic for a process that dies; the flush to disk also
@@ -142,8 +179,10 @@ def atomic_write(path: Path, data: bytes) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
     try:
+        if mode is not None:
+            os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
@@ -154,11 +193,38 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """An exclusive lock (flock) on `path`, held across processes until the block ends (a deployed device runs a
+    fresh process per message; the lock makes load -> charge one step for each of them)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+# Stores that live in one process (Context.state, memory) share this lock: it holds no data, only serialises
+# load -> charge within the process, as file_lock does across processes.
+_IN_PROCESS_LOCK = threading.RLock()
+
+
+def in_process_lock() -> contextlib.AbstractContextManager[object]:
+    return _IN_PROCESS_LOCK
+
+
 class FileStateStore:
     """Device state in one file, replaced atomically and flushed to disk on every write (a deployed device)."""
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.path.with_name(self.path.name + ".lock")):
+            yield
 
     def load(self) -> DeviceState | None:
         try:
@@ -197,6 +263,13 @@ class SlotStateStore:
         self.folder, self.device_id = str(folder), device_id
         self.slots = tuple(os.path.join(self.folder, f"{device_id}.{k}.json") for k in (0, 1))
         self._seq: int | None = None  # the newest slot's counter, once loaded or saved
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        os.makedirs(self.folder, exist_ok=True)
+        with file_lock(os.path.join(self.folder, f"{self.device_id}.lock")):
+            self._seq = None  # another process may have written since: learn the newest slot again
+            yield
 
     def load(self) -> DeviceState | None:
         intact: list[tuple[int, DeviceState]] = []
@@ -262,6 +335,9 @@ class MemoryStateStore:
 
     def __init__(self) -> None:
         self._state: DeviceState | None = None
+
+    def locked(self) -> contextlib.AbstractContextManager[object]:
+        return _IN_PROCESS_LOCK
 
     def load(self) -> DeviceState | None:
         return self._state

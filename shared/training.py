@@ -5,7 +5,11 @@ A round of local training, for each device k in the cohort:
   2. for each of the round's steps: Poisson-sample its interactions with rate q, pair each
      sampled positive with negatives drawn from the public catalogue, and take one DP-SGD
      step (per-example clipping to C over user row AND item tables, Gaussian noise
-     N(0, (sigma*C)^2) on every coordinate, summed loss: no division by the private data size);
+     N(0, (sigma*C)^2) on every coordinate, summed loss: no division by the private data size).
+     The sampled batch, whose size is private, runs in chunks of a fixed size set by public
+     quantities only (shared/memory.py), the last padded with zero-weight examples: the clipped
+     per-example gradients are summed over the chunks and the noise is added once, so the memory
+     a step needs is the same for every data size (a larger device runs more chunks);
   3. return the new user row (stays on the device), the item-table delta (sent), and the
      history with the round's steps appended.
 Device k's copy of the item tables sits at rows k*num_items..(k+1)*num_items of one
@@ -15,8 +19,10 @@ accounting are exactly those of K separate runs.
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,16 +36,17 @@ from opacus.grad_sample import GradSampleModule, GradSampleModuleFastGradientCli
 from opacus.optimizers.optimizer import DPOptimizer
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 
+from . import memory
+from .memory import choose_grad_sample_mode  # noqa: F401 - re-exported
 from .model import ItemTables
 from .model_torch import MatrixFactorization, SampledSoftmaxLoss
 from .plans import (  # noqa: F401 - re-exported: the plan a device parses without torch (shared/plans.py)
     MAX_LR, MAX_NEGATIVES, MAX_NOISE_MULTIPLIER, SCALE_RANGE, LocalTrainingPlan, PlanError, plan_from_config)
 from .privacy.accounting import HistoryEntry, compact_history
 
-# Hooks materialise dense per-sample gradients (batch * rows * dim floats); ghost clipping needs a second
-# backward pass but no such tensor. Measured on 2 cores: ghost is faster from a few MB on (a cohort's user
-# phase at 100 devices: 77 MB dense, 1.4x faster with ghost).
-HOOKS_MEMORY_LIMIT_BYTES = 16 * 2**20
+# Hooks materialise dense per-sample gradients (chunk * rows * dim floats); ghost clipping needs a second backward
+# pass but no such tensor. 'auto' picks from the tables' shape alone (shared/memory.py), read here at each round.
+HOOKS_MEMORY_LIMIT_BYTES = memory.HOOKS_MEMORY_LIMIT_BYTES
 
 
 @dataclass(frozen=True)
@@ -85,13 +92,6 @@ class LocalSGD(torch.optim.Optimizer):
                 param.sub_(update)
 
 
-def choose_grad_sample_mode(requested: str, *, batch: int, rows: int, dim: int) -> str:
-    if requested != "auto":
-        return requested
-    dense_bytes = 4 * batch * rows * (dim + 1)
-    return "ghost" if dense_bytes > HOOKS_MEMORY_LIMIT_BYTES else "hooks"
-
-
 def _phases(plan: LocalTrainingPlan) -> list[tuple[str, int, float]]:
     """(which parameters train, steps, noise multiplier) in order.
 
@@ -109,6 +109,7 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
                  *, noise_seed: int) -> CohortUpdate:
     """Run one round of local training for the devices in `data` against the same item tables."""
     k_devices, n_items = len(data), items.num_items
+    pin_allocator()
     if user_rows.shape != (k_devices, items.dim):
         raise ValueError(f"user rows {user_rows.shape} do not match {k_devices} devices of dim {items.dim}")
     model = MatrixFactorization(
@@ -123,8 +124,10 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
     weights = [torch.from_numpy(d.weights.astype(np.float32)) for d in data]
     examples_used = np.zeros(k_devices, dtype=np.int64)
     exact: dict[str, torch.Tensor] = {}  # distributed: the noise-free item step, in float64 (see below)
-    expected_batch = max(int(plan.sample_rate * sum(len(d.items) for d in data)), 1)
-    for phase, (which, steps, sigma) in enumerate(_phases(plan)):
+    # Modes and chunk sizes from public quantities only (the plan, the tables' shape, the cohort size K).
+    layout = memory.blocks(plan, num_items=n_items, dim=items.dim, cohort=k_devices,
+                           hooks_limit=HOOKS_MEMORY_LIMIT_BYTES)
+    for phase, ((which, steps, sigma), block) in enumerate(zip(_phases(plan), layout, strict=True)):
         groups = []
         if which in ("user", "all"):
             groups.append({"params": model.local_parameters(), "lr": plan.user_lr, "row_step_cap": plan.user_step_cap})
@@ -144,25 +147,31 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
             # whatever the plan asks: ghost clipping measures norms in one float32 pass and applies a second, and
             # where an example's user-row gradient cancels (a server can send tables that make it) the two
             # leftovers differ, by up to 2.4x C in a review. The user block's dense gradient is one row per device;
-            # one block for everything (user-steps = 0) makes it dense over the item tables too.
-            rows = k_devices * (n_items if which != "user" else 1)
-            requested = "hooks" if which in ("user", "all") else plan.grad_sample_mode
-            mode = choose_grad_sample_mode(requested, batch=expected_batch, rows=rows, dim=items.dim)
+            # one block for everything (user-steps = 0) makes it dense over the item tables too (memory.blocks).
             shared_out = plan.privacy == "distributed" and which == "items"
             module, optimizer, criterion = make_private(model, optimizer, criterion, sigma=0.0 if shared_out else sigma,
-                                                         clip_norm=plan.clip_norm, mode=mode,
+                                                         clip_norm=plan.clip_norm, mode=block.mode,
                                                          noise_seed=noise_seed + phase)
             if not shared_out:
                 optimizer.attach_step_hook(_accounting_hook(new_histories, sigma, plan.sample_rate))
         for _ in range(steps):
-            users, batch_items, batch_weights = _sample_step(plan, positives, weights, generators, n_items)
-            examples_used += np.bincount(users.numpy(), minlength=k_devices)
+            sampled = _sample_step(plan, positives, generators)
+            examples_used += np.array([len(s) for s in sampled], dtype=np.int64)
+            chunks = max(1, -(-sum(len(s) for s in sampled) // block.chunk))  # an empty batch: one padded chunk
             optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():
-                # Opacus's backward hooks see integer ids as inputs; torch warns that they need no gradient.
-                warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
-                loss = criterion(module(users, batch_items), batch_weights)
-                loss.backward()
+            for chunk, (users, batch_items, batch_weights) in enumerate(
+                    _chunks(plan, sampled, positives, weights, generators, n_items, block.chunk)):
+                with warnings.catch_warnings():
+                    # Opacus's backward hooks see integer ids as inputs; torch warns that they need no gradient.
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+                    loss = criterion(module(users, batch_items), batch_weights)
+                    loss.backward()
+                if module is not model and chunk < chunks - 1:
+                    # Clip this chunk's examples into the step's sum (p.summed_grad) and free their per-example
+                    # gradients; the step's last chunk adds the noise, once (Opacus's virtual steps).
+                    optimizer.signal_skip_step(do_skip=True)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
             optimizer.step()
             if plan.dp and plan.privacy == "distributed" and which == "items":
                 # The step that goes into the secure sum carries no noise here, so its delta is taken as exactly
@@ -186,6 +195,22 @@ def train_cohort(plan: LocalTrainingPlan, items: ItemTables, user_rows: np.ndarr
         bias_delta = model.bias_values().reshape(k_devices, n_items) - items.bias[None]
     return CohortUpdate(user_rows=new_users, embedding_delta=embedding_delta, bias_delta=bias_delta,
                         histories=[compact_history(h) for h in new_histories], examples_used=examples_used)
+
+
+@functools.cache
+def pin_allocator(threshold: int = memory.MMAP_THRESHOLD_BYTES) -> bool:
+    """Serve every allocation above `threshold` from the OS and give it back when freed (glibc; elsewhere a no-op).
+
+    glibc raises its mmap threshold each time a large block is freed (up to 32 MB), after which a chunk's tensors
+    come from the heap, whose fragmentation grows with the number of chunks run: measured, the peak of a round grew
+    by up to 1.5x from one chunk (small |D|) to a dozen (large |D|). A fixed threshold turns that adjustment off, so
+    the peak is the chunk's live tensors, the same for every |D| (tests/test_memory.py). Process-wide, set once.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(memory.M_MMAP_THRESHOLD, threshold))
 
 
 def _accounting_hook(histories: Sequence[list[HistoryEntry]], sigma: float, sample_rate: float) -> Any:
@@ -228,20 +253,50 @@ def make_private(model: MatrixFactorization, optimizer: torch.optim.Optimizer, c
     return module, dp_optimizer, criterion
 
 
-def _sample_step(plan: LocalTrainingPlan, positives: Sequence[torch.Tensor], weights: Sequence[torch.Tensor],
-                 generators: Sequence[torch.Generator],
-                 n_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Poisson-sample each device's interactions (rate q) and attach uniform catalogue negatives."""
-    users, items, ws = [], [], []
-    for k, (pos, w, gen) in enumerate(zip(positives, weights, generators)):
-        # Draw for every example so each device's random stream is independent of the cohort.
-        keep = torch.rand(len(pos), generator=gen) < plan.sample_rate
-        negatives = torch.randint(n_items, (len(pos), plan.num_negatives), generator=gen)
-        chosen = torch.cat([pos[:, None], negatives], dim=1)[keep]
-        users.append(torch.full((len(chosen),), k, dtype=torch.int64))
-        items.append(chosen)
-        ws.append(w[keep])
-    return torch.cat(users), torch.cat(items), torch.cat(ws)
+def _sample_step(plan: LocalTrainingPlan, positives: Sequence[torch.Tensor],
+                 generators: Sequence[torch.Generator]) -> list[torch.Tensor]:
+    """Poisson-sample each device's interactions (rate q): the positions of the sampled ones, per device.
+
+    Each device draws from its own generator, so its stream is independent of the cohort.
+    """
+    return [torch.nonzero(torch.rand(len(pos), generator=gen) < plan.sample_rate).flatten()
+            for pos, gen in zip(positives, generators)]
+
+
+def _chunks(plan: LocalTrainingPlan, sampled: Sequence[torch.Tensor], positives: Sequence[torch.Tensor],
+            weights: Sequence[torch.Tensor], generators: Sequence[torch.Generator], n_items: int,
+            size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The step's sampled examples, device after device, in chunks of exactly `size` (users, item ids, weights).
+
+    Each sampled positive gets uniform catalogue negatives, drawn from its device's generator in order (a chunk
+    boundary does not change the draws). The last chunk is padded with zero-weight examples (user 0, item 0): their
+    loss and so their gradient are exactly zero, and so is their clipped contribution. Every chunk is allocated at
+    the same size, whatever the (private) batch size; an empty batch is one chunk of padding.
+    """
+    width = 1 + plan.num_negatives
+
+    def empty() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (torch.zeros(size, dtype=torch.int64), torch.zeros((size, width), dtype=torch.int64),
+                torch.zeros(size, dtype=torch.float32))
+
+    users, items, ws = empty()
+    filled, emitted = 0, False
+    for k, positions in enumerate(sampled):
+        start = 0
+        while start < len(positions):
+            take = min(size - filled, len(positions) - start)
+            chosen, rows = positions[start:start + take], slice(filled, filled + take)
+            users[rows] = k
+            items[rows, 0] = positives[k][chosen]
+            items[rows, 1:] = torch.randint(n_items, (take, plan.num_negatives), generator=generators[k])
+            ws[rows] = weights[k][chosen]
+            filled, start = filled + take, start + take
+            if filled == size:
+                yield users, items, ws
+                users, items, ws = empty()
+                filled, emitted = 0, True
+    if filled or not emitted:
+        yield users, items, ws
 
 
 def _seed_int(seed: tuple[int, ...]) -> int:

@@ -135,7 +135,7 @@ def prepare(folder: Path, *, users: int = 30, items: int = 200) -> Path:
         "component": "fedrec.client.app:app", "heavy": list(HEAVY), "node_id": NODE_ID, "device": DEVICE,
         "run_config": {}, "tables": str(folder / "tables.npz"),
         "node_config": {"data-path": str(prepared / "devices" / f"{DEVICE}.csv"),
-                        "catalogue-path": str(prepared / "catalogue.csv")},
+                        "catalogue-path": str(prepared / "catalogue.csv"), "device-id": str(DEVICE)},
         "keys": {name: getattr(P, name) for name in ("DEVICE_IDS", "DELTA_CLIP", "NONCE", "PRIOR", "TABLES", "EVAL",
                                                       "PLAN", "COHORT")},
         "plans": {"train": round_plan(config, 1, noise_multiplier=1.0).to_config(),

@@ -170,11 +170,12 @@ def _secure_popularity(config: RunConfig, prior: PopularityPlan, devices: dict[s
     asked = {k: group for k, group in enumerate(_by_node(sorted(devices), devices, nodes))}
     total, reports, variance = np.zeros(num_items), 0, 0.0
     for group in popularity_groups(asked, config.devices_per_round):
-        mechanism = popularity_mechanism(prior, num_items, secure_threshold(config, group))
+        mechanism = popularity_mechanism(prior, num_items, *secure_threshold(config, group))
         decoded, shares = _modelled_sum(
             list(group.values()), devices, mechanism, prior.server_round,
             lambda members, grid: report_popularity_sum(members, prior, num_items, secure=grid,
-                                                        t_min=mechanism.t_min)[0], result)
+                                                        t_min=mechanism.t_min, colluders=mechanism.colluders)[0],
+            result)
         if decoded is not None:
             total, reports = total + decoded, reports + shares
             variance += mechanism.sum_noise_std(shares) ** 2
@@ -185,12 +186,12 @@ def _secure_popularity(config: RunConfig, prior: PopularityPlan, devices: dict[s
 def _secure_round(config: RunConfig, plan: LocalTrainingPlan, chosen: list[str], devices: dict[str, Device],
                   nodes: int, server: ItemModelServer, result: PlainResult) -> int:
     groups = _by_node(chosen, devices, nodes)
-    t_min = secure_threshold(config, dict(enumerate(groups)))
+    t_min, colluders = secure_threshold(config, dict(enumerate(groups)))
     tables = server.tables
-    mechanism = training_mechanism(plan, tables.num_items, tables.dim, t_min)
+    mechanism = training_mechanism(plan, tables.num_items, tables.dim, t_min, colluders)
     decoded, shares = _modelled_sum(groups, devices, mechanism, plan.server_round,
                                     lambda members, grid: train_devices(members, plan, tables, secure=grid,
-                                                                        t_min=t_min), result)
+                                                                        t_min=t_min, colluders=colluders), result)
     if decoded is not None:
         embedding, bias = split_update(plan, decoded, tables.num_items, tables.dim)
         server.apply_sum(embedding, bias, shares=shares, noise_std=mechanism.sum_noise_std(shares),

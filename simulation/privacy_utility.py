@@ -150,8 +150,8 @@ def write_report(rows: list[Row], out: Path, *, title: str, meta: dict[str, Any]
         values = " | ".join(f"{r.metrics[c]:.4f}" if c in r.metrics else "-" for c in columns)
         lines.append(f"| {r.model} | {eps} | {values} | {r.seconds:.0f} s |")
     lines += ["", "Federated + DP modes: local (every device adds the full noise; trusts no one), distributed (record "
-              "level, noise added once to a secure sum: holds against a server that follows the secure-aggregation "
-              "protocol), user (user level on the same secure sums; epsilon per device, not per interaction).",
+              "level, noise added once to a secure sum: holds against a malicious server that colludes with at most c "
+              "devices but cannot enrol identities), user (user level on the same secure sums; epsilon per device, not per interaction).",
               "", "Central DP-SGD rows: record-level DP over the pooled data (one interaction = one record, the "
               "devices' unit); a trusted curator would be needed to run them. Diversity: mean pairwise "
               "category distance (1 - Jaccard) within each top-10 list.", "", "![HR and NDCG against epsilon](report.png)"]

@@ -160,9 +160,13 @@ def privacy_lines(summary: dict[str, Any]) -> list[str]:
                 f"{figures['epsilon_median']:.3f} (budget {figures['budget']}, delta {priv['delta']:g}); "
                 f"sigma {figures['noise_multiplier']:.3f}; {priv['devices_declined']} devices declined a round")
         if secure:
-            subverted = figures.get("epsilon_max_subverted")
-            line += ("; against subverted aggregation epsilon max "
-                     f"{'unbounded' if subverted is None else format(subverted, '.3f')}")
+            def fmt(key: str) -> str:
+                value = figures.get(key)
+                return "unbounded" if value is None else format(value, ".3f")
+
+            line += (f" (against a malicious server with c colluders; honest-but-curious server: epsilon max "
+                     f"{fmt('epsilon_max_honest')}; server that also controls enrolment, own share only: "
+                     f"{fmt('epsilon_max_subverted')})")
         lines.append(line)
     elif summary["dp"]:
         lines.append(f"{unit} DP per device: not bounded ({priv.get('note', 'a device released without DP')})")

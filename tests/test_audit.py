@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from fedrec.server.audit import audit_run, classic_rdp_conversion
 from fedrec.server.core import round_plan
 from fedrec.shared.config import RunConfig
 from fedrec.shared.privacy.accounting import epsilon
+from fedrec.shared.privacy.releases import release_cost
 from fedrec.simulation.cli import main as fedrec
 from tests.conftest import read_jsonl
 
@@ -143,22 +145,64 @@ def test_rejected_replies_are_charged_and_over_reporting_fails(finished_run, tmp
 
 
 def write_honest_run(path: Path, *, sigma: float, rounds: int, participation: list[list[int]],
-                     budget: float = 1e9) -> RunConfig:
-    """A run directory whose ledger is what honest devices (our accountant) would have reported."""
-    config = RunConfig(noise_multiplier=sigma, rounds=rounds, epsilon_budget=budget, user_steps=0,
-                       popularity_prior=False)
+                     budget: float = 1e9, privacy: str = "local", t_min: int = 0, colluders: int = 0,
+                     seen: Callable[[int, str], tuple[int, int] | None] | None = None,
+                     rejected: dict[int, list[int]] | None = None, failed: dict[int, list[int]] | None = None,
+                     unfinished: list[int] | None = None) -> RunConfig:
+    """A run directory whose ledger is what honest devices (our accountant) would have reported.
+
+    privacy='distributed' or 'user': every round is a secure sum of (t_min, colluders), ledgered ahead ('sent') and
+    after ('done'); each device accounts with the (t, c) `seen(round, device)` gives (default the ledger's) and
+    reports it, with its three figures (shared/privacy/releases.py). `rejected` / `failed`: round -> devices that
+    trained (and charged) but whose reply the server rejected / lost; `unfinished`: devices asked in one more round
+    that was written ahead and never completed (they trained too). Local mode writes outcome lines only, as older
+    ledgers did.
+    """
+    secure = privacy in ("distributed", "user")
+    extra = {"distributed": {"local_steps": 1, "user_steps": 1}, "user": {"delta_clip_norm": 1.0, "user_steps": 0},
+             "local": {"user_steps": 0}}[privacy]
+    config = RunConfig(noise_multiplier=sigma, rounds=rounds + bool(unfinished), epsilon_budget=budget,
+                       popularity_prior=False, privacy=privacy, **extra)
     path.mkdir(parents=True)
     (path / "config.json").write_text(json.dumps(config.to_mapping()))
-    histories: dict[str, list] = {}
+    histories: dict[str, dict[str, list]] = {}
+    figures = ("record", "record_honest", "record_subverted") if privacy != "user" else \
+        ("user", "user_honest", "user_subverted")
     lines = []
-    for rnd, members in enumerate(participation, start=1):
-        plan = round_plan(config, rnd, sigma).to_config()
+
+    def train(device: str, plan, rnd: int) -> tuple[int, int] | None:
+        tc = (seen(rnd, device) if seen else None) or (t_min, colluders) if secure else None
+        cost = release_cost(plan, *(tc or (0, 0)))
+        for figure in figures:
+            histories.setdefault(device, {}).setdefault(figure, []).extend(getattr(cost, figure))
+        return tc
+
+    def report(device: str, figure: int) -> float:
+        return epsilon(histories[device][figures[figure]], delta=config.delta)
+
+    for rnd, members in enumerate([*participation, *([unfinished] if unfinished else [])], start=1):
+        plan = round_plan(config, rnd, sigma)
         trained = [f"d{k}" for k in members]
-        for device in trained:
-            histories.setdefault(device, []).append((sigma, 1.0, 1))
-        lines.append({"round": rnd, "kind": "train", "plan": plan, "privacy_steps": [[sigma, 1.0, 1]],
-                      "trained": trained, "declined": [], "asked": trained, "rejected": {}, "failed": {},
-                      "epsilon_reported": {d: epsilon(histories[d], delta=config.delta) for d in trained}})
+        lost = {f"d{k}": "bad reply" for k in (rejected or {}).get(rnd, [])}
+        gone = {f"d{k}": "no reply before the round timeout" for k in (failed or {}).get(rnd, [])}
+        asked = sorted({*trained, *lost, *gone})
+        line = {"round": rnd, "kind": "train", "attempt": 0, "plan": plan.to_config(),
+                "privacy_steps": [list(step) for step in plan.privacy_steps()], "asked": asked}
+        cut_short = bool(unfinished) and rnd == len(participation) + 1
+        if secure or cut_short:
+            lines.append({**line, "status": "sent", **({"t_min": t_min, "colluders": colluders} if secure else {})})
+        sums = {device: train(device, plan, rnd) for device in [*trained, *lost, *gone]}
+        if cut_short:
+            break
+        done = {**line, "trained": trained, "declined": [], "refused": {}, "rejected": lost, "failed": gone,
+                "epsilon_reported": {d: report(d, 0) for d in trained}}
+        if secure:
+            done.update(status="done", epsilon_honest_reported={d: report(d, 1) for d in trained},
+                        epsilon_subverted_reported={d: report(d, 2) for d in trained},
+                        secure_sum_seen={d: list(sums[d]) for d in trained},
+                        secure_sum={"t_min": t_min, "colluders": colluders, "shares": len(trained),
+                                    "aggregation": "modelled", "decrypted": len(trained) >= t_min})
+        lines.append(done)
     (path / "ledger.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return config
 

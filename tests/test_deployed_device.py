@@ -34,7 +34,8 @@ def prepared(tmp_path):
 
 def node_context(prepared, state, device_file="0.csv", node_id=7):
     node_config = {"data-path": str(prepared / "devices" / device_file),
-                   "catalogue-path": str(prepared / "catalogue.csv"), "state-path": str(state)}
+                   "catalogue-path": str(prepared / "catalogue.csv"), "state-path": str(state),
+                   "device-id": device_file.rsplit(".", 1)[0]}
     return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(), run_config={})
 
 

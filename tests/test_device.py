@@ -139,7 +139,8 @@ def test_the_row_user_mode_fits_exactly_never_starts_a_record_level_round(tmp_pa
     initial = d.user_row(d.load_state(), t.dim)
     user = plan(server_round=1, privacy="user", update_clip=0.5, noise_multiplier=1.0, user_noise_multiplier=0.0,
                 user_steps=5, user_lr=1.0)
-    train_devices([d], user, t, secure=GridSum.zeros(training_mechanism(user, t.num_items, t.dim, 2)), t_min=2)
+    train_devices([d], user, t, secure=GridSum.zeros(training_mechanism(user, t.num_items, t.dim, 2, 1)), t_min=2,
+                  colluders=1)
     state = d.load_state()
     assert state.user_row is None and state.user_row_exact is not None
     assert not np.allclose(state.user_row_exact, initial)
@@ -180,9 +181,9 @@ def test_the_cap_on_the_subverted_figure_declines_exactly_when_the_next_sum_woul
     from fedrec.shared.distributed_dp import GridSum, distributed_entries
     from fedrec.shared.secure_release import training_mechanism
 
-    sigma, t_min = 4.0, 5
+    sigma, t_min, colluders = 4.0, 5, 1
     p = plan(privacy="distributed", noise_multiplier=sigma, user_noise_multiplier=2 * sigma, lr=0.5)
-    _, subverted = distributed_entries(sigma, t_min)
+    _, _, subverted = distributed_entries(sigma, t_min, colluders)
     user_block = [(2 * sigma, 1.0, p.user_steps)] if p.user_steps else []
     after = [epsilon([(subverted[0], 1.0, r), *[(s, q, n * r) for s, q, n in user_block]], delta=1e-5)
              for r in (1, 2, 3)]
@@ -190,8 +191,8 @@ def test_the_cap_on_the_subverted_figure_declines_exactly_when_the_next_sum_woul
     t = tables()
     declined = []
     for r in (1, 2, 3):
-        grid = GridSum.zeros(training_mechanism(p, t.num_items, t.dim, t_min))
-        (outcome,) = train_devices([d], replace(p, server_round=r), t, secure=grid, t_min=t_min)
+        grid = GridSum.zeros(training_mechanism(p, t.num_items, t.dim, t_min, colluders))
+        (outcome,) = train_devices([d], replace(p, server_round=r), t, secure=grid, t_min=t_min, colluders=colluders)
         declined.append(outcome.declined)
         assert outcome.epsilon_subverted <= d.policy.max_subverted_epsilon
     assert declined == [False, False, True]

@@ -56,13 +56,29 @@ def test_the_accounted_multiplier_bounds_the_skellam_curve_on_the_grid():
                                                                 rel=1e-2)
 
 
-def test_distributed_entries_give_two_figures():
-    honest, subverted = distributed_entries(1.0, 80)
-    assert honest[0] == pytest.approx(1 / 1.01, rel=1e-3)
-    assert subverted[0] == pytest.approx(1 / 1.01 / math.sqrt(80), rel=1e-2)
+def test_distributed_entries_give_three_figures_by_threat():
+    honest, malicious, own = distributed_entries(1.0, 80)  # c = 0: the malicious figure is the honest one
+    assert honest[0] == pytest.approx(malicious[0]) == pytest.approx(1 / 1.01, rel=1e-3)
+    assert own[0] == pytest.approx(1 / 1.01 / math.sqrt(80), rel=1e-2)
     assert distributed_entries(1.0, 80, sensitivity_factor=2.0)[0][0] == pytest.approx(honest[0] / 2)
+    # c = 8 colluders: each share is 1/72 of the variance, so t - c honest shares carry the full noise (the
+    # headline), all 80 carry 80/72 of it (honest), one share 1/72 (own share)
+    honest, malicious, own = distributed_entries(1.0, 80, 8)
+    assert malicious[0] == pytest.approx(1 / 1.01, rel=1e-3)
+    assert honest[0] == pytest.approx(math.sqrt(80 / 72) / 1.01, rel=1e-3)
+    assert own[0] == pytest.approx(1 / 1.01 / math.sqrt(72), rel=1e-2)
+    assert honest[0] > malicious[0] > own[0]
+    for t, c in ((0, 0), (5, 5), (5, -1)):
+        with pytest.raises(ValueError):
+            distributed_entries(1.0, t, c)
+
+
+def test_a_share_makes_t_minus_c_shares_carry_the_full_noise():
+    mech = SumMechanism(sensitivity=1.0, noise_multiplier=2.0, t_min=10, dimension=50, colluders=3)
+    assert 7 * mech.share_variance == pytest.approx((2.0 * 1.0 / mech.grid_step) ** 2)
+    assert mech.sum_noise_std(7) == pytest.approx(2.0, rel=1e-12)
     with pytest.raises(ValueError):
-        distributed_entries(1.0, 0)
+        SumMechanism(sensitivity=1.0, noise_multiplier=2.0, t_min=3, dimension=50, colluders=3)
 
 
 def test_quantised_sum_decodes_within_the_rounding_bound_and_wraps_modulo_2_64():
@@ -114,8 +130,8 @@ def test_an_evaluation_release_is_also_user_level_and_a_popularity_report_is_not
     report = PopularityPlan(server_round=0, dp=True, noise_multiplier=2.0, delta=1e-5)
     assert release_cost(report).user is None  # sensitivity 1 per (device, item), not per device
     user_report = PopularityPlan(server_round=0, dp=True, noise_multiplier=2.0, delta=1e-5, privacy="user")
-    cost = release_cost(user_report, t_min=10)
-    assert cost.user is not None and cost.user[0][0] > cost.user_subverted[0][0]
+    cost = release_cost(user_report, t_min=10, colluders=1)
+    assert cost.user is not None and cost.user_honest[0][0] > cost.user[0][0] > cost.user_subverted[0][0]
     assert cost.record[0][0] == pytest.approx(cost.user[0][0] / 2)
 
 

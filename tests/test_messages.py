@@ -49,7 +49,8 @@ def test_train_reply_carries_only_the_item_delta_and_epsilon(small_config):
         assert not reply.has_error(), reply.error.reason if reply.has_error() else ""
         assert set(reply.content.keys()) == {P.DELTA, P.REPORT, P.DEVICE}
         assert set(reply.content[P.DELTA].keys()) == {P.EMBEDDING_DELTA, P.BIAS_DELTA}
-        assert set(reply.content[P.REPORT].keys()) == {"declined", "epsilon", "epsilon-subverted", "clipped"}
+        assert set(reply.content[P.REPORT].keys()) == {"declined", "epsilon", "epsilon-subverted", "epsilon-honest",
+                                                       "clipped"}
         assert dict(reply.content[P.DEVICE]) == {P.DEVICE_IDS: ["sim-3"], P.REFUSED: [""]}
         user_row = SlotStateStore(small_config.state_dir, "sim-3").load().user_row
         floats = all_floats(reply)

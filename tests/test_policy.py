@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, RecordDict
@@ -96,7 +98,7 @@ def write_catalogue(folder) -> int:
 
 def deployed(tmp_path, data_file, **policy) -> Context:
     node_config = {"data-path": str(data_file), "catalogue-path": str(tmp_path / "catalogue.csv"),
-                   "state-path": str(tmp_path / "state"), **policy}
+                   "state-path": str(tmp_path / "state"), "device-id": Path(data_file).stem, **policy}
     return Context(run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config={})
 
 

@@ -1,7 +1,12 @@
-"""Secure aggregation (shared/secagg.py): real X25519, ChaCha20, AEAD and Shamir; no mocks."""
+"""Secure aggregation (shared/secagg.py): real X25519, ChaCha20, AEAD, Shamir and Ed25519; no mocks.
+
+The honest protocol's properties; what a malicious server tries against it is in test_malicious_server.py.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import os
 from collections.abc import Collection
@@ -12,14 +17,30 @@ import pytest
 from Crypto.Protocol.SecretSharing import Shamir
 
 from fedrec.shared import secagg
+from fedrec.shared.identity import Authority, DeviceIdentity
 from fedrec.shared.secagg import ClientSession, SecAggError, ServerSession, SessionParams
 
 L = 1000
 U64 = np.uint64
+AUTHORITY = Authority.create()
+PIN = AUTHORITY.key.public_key()  # what every device pinned
 
 
 def ids(n: int) -> list[str]:
     return [f"p{i}" for i in range(n)]
+
+
+@functools.cache
+def identity(pid: str) -> DeviceIdentity:
+    return DeviceIdentity.enrol(pid, AUTHORITY)
+
+
+def signed_advert(params: SessionParams, pid: str, c: bytes, s: bytes) -> dict[str, bytes]:
+    """An advertisement of keys (c, s) for `pid` signed with pid's real enrolled key: what a member that
+    deviates (a malicious client, not the server) can produce."""
+    keys = {"c": c, "s": s}
+    return {**keys, "cert": identity(pid).certificate,
+            "sig": identity(pid).sign(secagg._advert_message(params, pid, keys))}
 
 
 def random_inputs(names: list[str], seed: int = 0) -> dict[str, np.ndarray]:
@@ -57,10 +78,12 @@ class Round:
     server: ServerSession
     inputs: dict[str, np.ndarray]
     broadcast: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    excluded: dict[str, str] = field(default_factory=dict)
     routed: dict[str, dict[str, bytes]] = field(default_factory=dict)
     masked: dict[str, np.ndarray] = field(default_factory=dict)
     alive: list[str] = field(default_factory=list)
     dead: list[str] = field(default_factory=list)
+    signatures: dict[str, bytes] = field(default_factory=dict)
     replies: dict[str, dict[str, bytes]] = field(default_factory=dict)
     b_seeds: dict[str, bytes] = field(default_factory=dict)
     serialise: bool = False
@@ -72,19 +95,20 @@ class Round:
         return self.clients[u]
 
 
-def start(n: int = 6, t: int = 4, *, serialise: bool = False, seed: int = 0) -> tuple[Round, dict]:
-    params = SessionParams(session_id=os.urandom(16), threshold=t, vector_length=L)
-    clients, keys = {}, {}
+def start(n: int = 6, t: int = 4, *, c: int = 0, serialise: bool = False, seed: int = 0) -> tuple[Round, dict]:
+    params = SessionParams(session_id=os.urandom(16), threshold=t, vector_length=L, colluders=c, server_round=3,
+                           plan_digest=os.urandom(32))
+    clients, adverts = {}, {}
     for u in ids(n):
-        clients[u], keys[u] = ClientSession.start(params, u, min_threshold=2)
+        clients[u], adverts[u] = ClientSession.start(params, identity(u))
     rnd = Round(params, clients, ServerSession(params), random_inputs(ids(n), seed), serialise=serialise)
-    return rnd, keys
+    return rnd, adverts
 
 
-def to_masked(rnd: Round, keys: dict, *, drop_keys: Collection[str] = ()) -> Round:
+def to_masked(rnd: Round, adverts: dict, *, drop_keys: Collection[str] = ()) -> Round:
     """Keys, shares and masking; clients in drop_keys vanish after advertising keys."""
-    rnd.broadcast = rnd.server.receive_keys(keys)
-    sent = {u: rnd.fresh(u).share_keys(rnd.broadcast) for u in rnd.clients if u not in drop_keys}
+    rnd.broadcast, rnd.excluded = rnd.server.receive_keys(adverts)
+    sent = {u: rnd.fresh(u).share_keys(rnd.broadcast, PIN) for u in rnd.clients if u not in drop_keys}
     rnd.routed = rnd.server.route_shares(sent)
     for u in rnd.routed:
         c = rnd.fresh(u)
@@ -93,21 +117,26 @@ def to_masked(rnd: Round, keys: dict, *, drop_keys: Collection[str] = ()) -> Rou
     return rnd
 
 
-def finish(rnd: Round, *, drop_shares: Collection[str] = (),
+def finish(rnd: Round, *, drop_shares: Collection[str] = (), signers: list[str] | None = None,
            responders: list[str] | None = None) -> np.ndarray:
-    """Clients in drop_shares computed a masked vector that never arrives."""
+    """Clients in drop_shares computed a masked vector that never arrives; `signers` (default: all alive) take
+    part in the consistency round, `responders` (default: all signers) answer the unmask request."""
     rnd.alive, rnd.dead = rnd.server.receive_masked(
         {u: m for u, m in rnd.masked.items() if u not in drop_shares})
-    for u in rnd.alive if responders is None else responders:
-        rnd.replies[u] = rnd.fresh(u).unmask(rnd.alive, rnd.dead)
+    signers = rnd.alive if signers is None else signers
+    sigs = {u: rnd.fresh(u).consistency(rnd.alive, rnd.dead, identity(u)) for u in signers}
+    rnd.signatures = rnd.server.receive_signatures(sigs)
+    for u in signers if responders is None else responders:
+        rnd.replies[u] = rnd.fresh(u).unmask(rnd.signatures)
     return rnd.server.unmask(rnd.replies)
 
 
-def run_round(n: int = 6, t: int = 4, *, drop_keys: Collection[str] = (), drop_shares: Collection[str] = (),
+def run_round(n: int = 6, t: int = 4, *, c: int = 0, drop_keys: Collection[str] = (),
+              drop_shares: Collection[str] = (), signers: list[str] | None = None,
               responders: list[str] | None = None, serialise: bool = False) -> tuple[np.ndarray, Round]:
-    rnd, keys = start(n, t, serialise=serialise)
-    to_masked(rnd, keys, drop_keys=drop_keys)
-    return finish(rnd, drop_shares=drop_shares, responders=responders), rnd
+    rnd, adverts = start(n, t, c=c, serialise=serialise)
+    to_masked(rnd, adverts, drop_keys=drop_keys)
+    return finish(rnd, drop_shares=drop_shares, signers=signers, responders=responders), rnd
 
 
 def test_sum_equals_plain_wrapping_sum():
@@ -118,13 +147,21 @@ def test_sum_equals_plain_wrapping_sum():
     # the inputs overflow 64 bits: the exact integer sum differs from the wrapped one
     assert sum(int(x[0]) for x in rnd.inputs.values()) != int(expected[0])
     assert rnd.server.survivors == ids(7)
+    assert rnd.excluded == {} and set(rnd.signatures) == set(ids(7))
+
+
+def test_sum_with_colluders_assumed():
+    """c > 0 only tightens the bound on |U1| (2t > |U1| + c); an honest round sums as before."""
+    total, rnd = run_round(6, 4, c=1, drop_shares={"p2"})
+    assert rnd.alive == ["p0", "p1", "p3", "p4", "p5"] and rnd.dead == ["p2"]
+    np.testing.assert_array_equal(total, plain_sum([rnd.inputs[u] for u in rnd.alive]))
 
 
 def test_masked_vectors_look_uniform():
-    rnd, keys = start(5, 3)
+    rnd, adverts = start(5, 3)
     rnd.inputs["p0"] = np.zeros(L, dtype=U64)  # structured inputs: the masks alone must hide them
     rnd.inputs["p1"] = np.arange(L, dtype=U64)
-    to_masked(rnd, keys)
+    to_masked(rnd, adverts)
     for u in ("p0", "p1"):
         m = rnd.masked[u]
         assert not np.any(m == rnd.inputs[u])
@@ -146,40 +183,68 @@ def test_dropout_after_shares_removes_pairwise_masks_via_s_key():
     np.testing.assert_array_equal(total, plain_sum([rnd.inputs[u] for u in rnd.alive]))
 
 
-def test_dropout_during_unmask():
-    rnd, keys = start(6, 4)
-    to_masked(rnd, keys)
+def test_dropout_during_consistency_and_unmask():
+    rnd, adverts = start(6, 4)
+    to_masked(rnd, adverts)
     total = finish(rnd, drop_shares={"p1"}, responders=["p0", "p3", "p4", "p5"])  # exactly t respond
     np.testing.assert_array_equal(total, plain_sum([rnd.inputs[u] for u in rnd.alive]))
 
-    rnd, keys = start(6, 4)
-    to_masked(rnd, keys)
+    rnd, adverts = start(6, 4)
+    to_masked(rnd, adverts)
+    total = finish(rnd, signers=["p1", "p2", "p4", "p5"])  # p0 and p3 vanish before signing; t signed
+    assert rnd.alive == ids(6) and set(rnd.signatures) == {"p1", "p2", "p4", "p5"}
+    np.testing.assert_array_equal(total, plain_sum(list(rnd.inputs.values())))  # their inputs still count
+
+    rnd, adverts = start(6, 4)
+    to_masked(rnd, adverts)
     with pytest.raises(SecAggError, match="below threshold"):
         finish(rnd, responders=["p0", "p3", "p4"])
 
+    rnd, adverts = start(6, 4)
+    to_masked(rnd, adverts)
+    with pytest.raises(SecAggError, match="3 valid consistency signatures, below threshold 4"):
+        finish(rnd, signers=["p0", "p3", "p4"])
+
 
 def test_too_few_survivors_abort():
-    rnd, keys = start(5, 4)
-    to_masked(rnd, keys)
+    rnd, adverts = start(5, 4)
+    to_masked(rnd, adverts)
     with pytest.raises(SecAggError, match=r"\|U3\| = 3 is below threshold 4"):
         rnd.server.receive_masked({u: rnd.masked[u] for u in ("p0", "p1", "p2")})
 
 
 def test_too_few_in_u1_or_u2():
-    rnd, keys = start(5, 4)
-    few = {u: keys[u] for u in ("p0", "p1", "p2")}
+    rnd, adverts = start(5, 4)
+    few = {u: adverts[u] for u in ("p0", "p1", "p2")}
     with pytest.raises(SecAggError, match=r"\|U1\|"):
         rnd.server.receive_keys(few)
     with pytest.raises(SecAggError, match=r"\|U1\|"):
-        rnd.clients["p0"].share_keys(few)
+        rnd.clients["p0"].share_keys(few, PIN)
 
-    bc = rnd.server.receive_keys(keys)
-    sent = {u: rnd.clients[u].share_keys(bc) for u in ("p0", "p1", "p2")}
+    bc, _ = rnd.server.receive_keys(adverts)
+    sent = {u: rnd.clients[u].share_keys(bc, PIN) for u in ("p0", "p1", "p2")}
     with pytest.raises(SecAggError, match=r"\|U2\|"):
         rnd.server.route_shares(sent)
     ct = {u: sent[u]["p0"] for u in ("p1", "p2")}  # client side: only 3 in U2 counting itself
     with pytest.raises(SecAggError, match=r"\|U2\|"):
         rnd.clients["p0"].mask(ct, rnd.inputs["p0"])
+
+
+def test_server_excludes_bad_advertisements_and_goes_on():
+    rnd, adverts = start(6, 4)
+    forged = dict(adverts["p5"], sig=bytes(64))
+    stray = dict(adverts["p4"])
+    stray.pop("cert")
+    bc, excluded = rnd.server.receive_keys(dict(adverts, p4=stray, p5=forged))
+    assert set(bc) == set(ids(4)) and set(excluded) == {"p4", "p5"}
+    assert "not signed" in excluded["p5"] and "exactly" in excluded["p4"]
+    sent = {u: rnd.clients[u].share_keys(bc, PIN) for u in ids(4)}
+    routed = rnd.server.route_shares(sent)
+    masked = {u: rnd.clients[u].mask(routed[u], rnd.inputs[u]) for u in ids(4)}
+    alive, dead = rnd.server.receive_masked(masked)
+    sigs = rnd.server.receive_signatures({u: rnd.clients[u].consistency(alive, dead, identity(u)) for u in alive})
+    total = rnd.server.unmask({u: rnd.clients[u].unmask(sigs) for u in alive})
+    np.testing.assert_array_equal(total, plain_sum([rnd.inputs[u] for u in ids(4)]))
 
 
 def test_late_reply_of_dead_node_stays_masked():
@@ -205,29 +270,48 @@ def test_late_reply_of_dead_node_stays_masked():
     np.testing.assert_array_equal(late - self_mask, x)
 
 
-def test_client_refuses_bad_unmask_requests():
-    rnd, keys = start(6, 4)
-    to_masked(rnd, keys)
+def test_client_refuses_bad_survivor_views():
+    rnd, adverts = start(6, 4)
+    to_masked(rnd, adverts)
     c = rnd.clients["p0"]
     everyone = ids(6)
+    me = identity("p0")
     with pytest.raises(SecAggError, match="overlap"):  # would hand out both shares of p5
-        c.unmask(everyone, ["p5"])
+        c.consistency(everyone, ["p5"], me)
     with pytest.raises(SecAggError, match=r"\|alive\|"):
-        c.unmask(["p0", "p1", "p2"], ["p3", "p4", "p5"])
+        c.consistency(["p0", "p1", "p2"], ["p3", "p4", "p5"], me)
     with pytest.raises(SecAggError, match="not in the alive list"):
-        c.unmask(["p1", "p2", "p3", "p4"], ["p0", "p5"])
-    with pytest.raises(SecAggError, match="outside U2"):
-        c.unmask(everyone + ["stranger"], [])
+        c.consistency(["p1", "p2", "p3", "p4"], ["p0", "p5"], me)
+    with pytest.raises(SecAggError, match="partition U2"):  # a stranger
+        c.consistency(everyone + ["stranger"], [], me)
+    with pytest.raises(SecAggError, match="partition U2"):  # p5 neither alive nor dead
+        c.consistency(everyone[:5], [], me)
     with pytest.raises(SecAggError, match="duplicate"):
-        c.unmask(["p0", "p1", "p2", "p2"], [])
-    # refused requests changed nothing: a valid one is answered, once
-    reply = c.unmask(everyone[:5], ["p5"])
+        c.consistency(["p0", "p1", "p2", "p2"], [], me)
+    with pytest.raises(SecAggError, match="not this session's member"):
+        c.consistency(everyone, [], identity("p1"))
+    assert c.stage == "masked"  # refused views changed nothing
+    view = (everyone[:5], ["p5"])
+    sigs = {u: rnd.clients[u].consistency(*view, identity(u)) for u in everyone[:5]}
+    reply = c.unmask(sigs)
     assert set(reply) == set(everyone)
     assert all(len(share) == 36 for share in reply.values())
     with pytest.raises(SecAggError, match="already answered"):
-        c.unmask(everyone[:5], ["p5"])
+        c.unmask(sigs)
     with pytest.raises(SecAggError, match="already answered"):  # also after a trip through bytes
-        ClientSession.from_bytes(c.to_bytes()).unmask(everyone[:5], ["p5"])
+        ClientSession.from_bytes(c.to_bytes()).unmask(sigs)
+
+
+def test_answer_once_reveals_b_of_the_alive_and_s_of_the_dead_only():
+    rnd, adverts = start(6, 4)
+    to_masked(rnd, adverts)
+    alive, dead = rnd.server.receive_masked({u: m for u, m in rnd.masked.items() if u != "p2"})
+    held = json.loads(rnd.clients["p0"].to_bytes())["held"]
+    sigs = {u: rnd.clients[u].consistency(alive, dead, identity(u)) for u in alive}
+    reply = rnd.clients["p0"].unmask(sigs)
+    assert reply == {**{v: bytes.fromhex(held[v]["b"]) for v in alive}, "p2": bytes.fromhex(held["p2"]["s"])}
+    state = json.loads(rnd.clients["p0"].to_bytes())
+    assert state["stage"] == "done" and state["held"] is None and state["c_sk"] is None and state["s_sk"] is None
 
 
 def test_prg_uses_the_whole_seed():
@@ -290,56 +374,86 @@ def test_serialised_between_every_stage():
     state = json.loads(rnd.clients["p0"].to_bytes())  # JSON, and the used secrets are gone
     assert state["stage"] == "done" and state["s_sk"] is None and state["held"] is None
 
+    # a state stored between consistency and unmask keeps the view it signed, and only that view
+    rnd, adverts = start(5, 3, serialise=True)
+    to_masked(rnd, adverts)
+    alive, dead = rnd.server.receive_masked(rnd.masked)
+    sigs = {u: rnd.fresh(u).consistency(alive, dead, identity(u)) for u in alive}
+    stored = rnd.fresh("p0").to_bytes()
+    assert json.loads(stored)["view"] == {"alive": alive, "dead": dead}
+    with pytest.raises(SecAggError, match="out of order"):
+        ClientSession.from_bytes(stored).consistency(alive[:4], alive[4:], identity("p0"))
+    assert set(ClientSession.from_bytes(stored).unmask(sigs)) == set(alive)
+
 
 def test_stages_out_of_order():
-    rnd, keys = start(5, 3)
+    rnd, adverts = start(5, 3)
     c = rnd.clients["p0"]
     with pytest.raises(SecAggError, match="out of order"):
         c.mask({}, rnd.inputs["p0"])
     with pytest.raises(SecAggError, match="out of order"):
-        c.unmask(ids(5), [])
+        c.consistency(ids(5), [], identity("p0"))
+    with pytest.raises(SecAggError, match="out of order"):
+        c.unmask({})
     with pytest.raises(SecAggError, match="out of order"):
         rnd.server.route_shares({})
+    with pytest.raises(SecAggError, match="out of order"):
+        rnd.server.receive_signatures({})
     with pytest.raises(SecAggError, match="out of order"):
         rnd.server.unmask({})
     with pytest.raises(SecAggError, match="receive_masked"):
         _ = rnd.server.survivors
-    bc = rnd.server.receive_keys(keys)
-    c.share_keys(bc)
+    bc, _ = rnd.server.receive_keys(adverts)
+    c.share_keys(bc, PIN)
     with pytest.raises(SecAggError, match="out of order"):
-        c.share_keys(bc)
+        c.share_keys(bc, PIN)
     with pytest.raises(SecAggError, match="out of order"):
-        rnd.server.receive_keys(keys)
+        rnd.server.receive_keys(adverts)
     with pytest.raises(SecAggError, match="out of order"):
-        c.unmask(ids(5), [])
+        c.unmask({})
+    with pytest.raises(SecAggError, match="out of order"):
+        c.consistency(ids(5), [], identity("p0"))
 
 
 def test_client_checks_on_keys_params_and_inputs():
-    params = SessionParams(os.urandom(16), 3, L)
+    params = SessionParams(os.urandom(16), 3, L, colluders=2, server_round=7, plan_digest=os.urandom(32))
     assert SessionParams.from_dict(json.loads(json.dumps(params.to_dict()))) == params
     with pytest.raises(SecAggError, match="threshold"):
-        ClientSession.start(params, "a", min_threshold=4)
-    with pytest.raises(SecAggError, match="threshold"):
-        ClientSession.start(SessionParams(os.urandom(16), 1, L), "a")
+        ClientSession.start(SessionParams(os.urandom(16), 1, L), identity("p0"))
     with pytest.raises(SecAggError, match="threshold"):
         ServerSession(SessionParams(os.urandom(16), 1, L))
+    with pytest.raises(SecAggError, match="colluders"):
+        SessionParams(os.urandom(16), 3, L, colluders=3)
+    with pytest.raises(SecAggError, match="plan_digest"):
+        SessionParams(os.urandom(16), 3, L, plan_digest=b"short")
+    with pytest.raises(SecAggError, match="malformed"):
+        SessionParams.from_dict({k: v for k, v in params.to_dict().items() if k != "plan_digest"})
 
-    rnd, keys = start(4, 3)
+    rnd, adverts = start(4, 3)
     c = rnd.clients["p0"]
-    swapped = dict(keys, p0={"c": keys["p0"]["c"], "s": keys["p1"]["s"]})
-    with pytest.raises(SecAggError):  # own s key replaced (and now advertised twice)
-        c.share_keys(swapped)
-    other = ClientSession.start(rnd.params, "p0")[1]
+    with pytest.raises(SecAggError, match="no pinned enrolment authority"):
+        c.share_keys(adverts, None)
+    swapped = dict(adverts, p0=dict(adverts["p0"], s=adverts["p1"]["s"]))
+    with pytest.raises(SecAggError):  # own s key replaced (and now advertised twice, and not signed)
+        c.share_keys(swapped, PIN)
+    other = ClientSession.start(rnd.params, identity("p0"))[1]  # validly signed, but not this session's keys
     with pytest.raises(SecAggError, match="own public keys"):
-        c.share_keys(dict(keys, p0=other))
+        c.share_keys(dict(adverts, p0=other), PIN)
+    # an enrolled member reflecting another member's keys, signed with its own identity
+    reflected = signed_advert(rnd.params, "p3", adverts["p2"]["c"], adverts["p2"]["s"])
     with pytest.raises(SecAggError, match="advertised twice"):
-        c.share_keys(dict(keys, p3=dict(keys["p2"])))
+        c.share_keys(dict(adverts, p3=reflected), PIN)
     with pytest.raises(SecAggError, match="32 bytes"):
-        c.share_keys(dict(keys, p3={"c": b"x", "s": keys["p3"]["s"]}))
+        c.share_keys(dict(adverts, p3=signed_advert(rnd.params, "p3", b"x", adverts["p3"]["s"])), PIN)
+    with pytest.raises(SecAggError, match="exactly"):
+        c.share_keys(dict(adverts, p3={k: v for k, v in adverts["p3"].items() if k != "sig"}), PIN)
+    with pytest.raises(SecAggError, match="exactly"):
+        c.share_keys(dict(adverts, p3=dict(adverts["p3"], extra=b"")), PIN)
+    assert c.stage == "keys"
 
-    rnd, keys = start(4, 3)
-    to_masked_ok = rnd.server.receive_keys(keys)
-    sent = {u: rnd.clients[u].share_keys(to_masked_ok) for u in ids(4)}
+    rnd, adverts = start(4, 3)
+    bc, _ = rnd.server.receive_keys(adverts)
+    sent = {u: rnd.clients[u].share_keys(bc, PIN) for u in ids(4)}
     routed = rnd.server.route_shares(sent)
     bad = np.arange(L, dtype=np.int64) - 7
     with pytest.raises(SecAggError, match="uint64") as err:
@@ -350,10 +464,10 @@ def test_client_checks_on_keys_params_and_inputs():
 
 
 def test_tampered_or_misbound_ciphertexts_rejected():
-    rnd, keys = start(5, 3)
+    rnd, adverts = start(5, 3)
     states = {u: c.to_bytes() for u, c in rnd.clients.items()}
-    bc = rnd.server.receive_keys(keys)
-    sent = {u: rnd.clients[u].share_keys(bc) for u in ids(5)}
+    bc, _ = rnd.server.receive_keys(adverts)
+    sent = {u: rnd.clients[u].share_keys(bc, PIN) for u in ids(5)}
     routed = rnd.server.route_shares(sent)
 
     flipped = bytearray(routed["p0"]["p1"])
@@ -361,10 +475,13 @@ def test_tampered_or_misbound_ciphertexts_rejected():
     with pytest.raises(SecAggError, match="'p1' failed authentication"):
         rnd.clients["p0"].mask(dict(routed["p0"], p1=bytes(flipped)), rnd.inputs["p0"])
 
-    # p1's same keys used under another session id: its ciphertext does not open in this one
+    # p1's same keys used under another session id (every advert re-signed for it): its ciphertext does not
+    # open in this one
+    other = dataclasses.replace(rnd.params, session_id=os.urandom(16))
     state = json.loads(states["p1"])
-    state["params"]["session_id"] = os.urandom(16).hex()
-    elsewhere = ClientSession.from_bytes(json.dumps(state).encode()).share_keys(bc)
+    state["params"] = other.to_dict()
+    resigned = {u: signed_advert(other, u, a["c"], a["s"]) for u, a in bc.items()}
+    elsewhere = ClientSession.from_bytes(json.dumps(state).encode()).share_keys(resigned, PIN)
     with pytest.raises(SecAggError, match="'p1' failed authentication"):
         rnd.clients["p0"].mask(dict(routed["p0"], p1=elsewhere["p0"]), rnd.inputs["p0"])
 
@@ -377,7 +494,43 @@ def test_tampered_or_misbound_ciphertexts_rejected():
     # the refusals left p0 able to finish the round normally
     masked = {u: rnd.clients[u].mask(routed[u], rnd.inputs[u]) for u in ids(5)}
     alive, dead = rnd.server.receive_masked(masked)
-    total = rnd.server.unmask({u: rnd.clients[u].unmask(alive, dead) for u in alive})
+    sigs = rnd.server.receive_signatures(
+        {u: rnd.clients[u].consistency(alive, dead, identity(u)) for u in alive})
+    total = rnd.server.unmask({u: rnd.clients[u].unmask(sigs) for u in alive})
+    np.testing.assert_array_equal(total, plain_sum(list(rnd.inputs.values())))
+
+
+def test_wrong_share_indices_refused():
+    """A share travels with its Shamir index: a device refuses a share that is not at its own index, and the
+    server refuses an unmask reply whose shares are not at the responder's index."""
+    rnd, adverts = start(5, 3)
+    bc, _ = rnd.server.receive_keys(adverts)
+    p1_state = json.loads(rnd.clients["p1"].to_bytes())
+    sent = {u: rnd.clients[u].share_keys(bc, PIN) for u in ids(5)}
+    routed = rnd.server.route_shares(sent)
+    # p1 (deviating) encrypts to p0 a well-authenticated plaintext holding the shares meant for p2 (index 3)
+    held = json.loads(rnd.clients["p1"].to_bytes())["held"]["p1"]
+    s_sk = bytes.fromhex(p1_state["s_sk"])
+    s_shares = secagg._split(s_sk, 3, 5)
+    b_shares = secagg._split(os.urandom(32), 3, 5)
+    assert secagg._parse_share(bytes.fromhex(held["s"]), "p1")[0] == 2  # p1 holds its own at index 2
+    aead, ad = secagg._share_cipher(bytes.fromhex(p1_state["c_sk"]), bc["p0"]["c"], rnd.params, "p1", "p0")
+    nonce = os.urandom(12)
+    wrong = nonce + aead.encrypt(nonce, s_shares[2] + b_shares[2], ad)
+    with pytest.raises(SecAggError, match="'p1' carries the wrong index"):
+        rnd.clients["p0"].mask(dict(routed["p0"], p1=wrong), rnd.inputs["p0"])
+
+    masked = {u: rnd.clients[u].mask(routed[u], rnd.inputs[u]) for u in ids(5)}
+    alive, dead = rnd.server.receive_masked(masked)
+    sigs = rnd.server.receive_signatures(
+        {u: rnd.clients[u].consistency(alive, dead, identity(u)) for u in alive})
+    replies = {u: rnd.clients[u].unmask(sigs) for u in alive}
+    swapped = dict(replies, p0=replies["p1"], p1=replies["p0"])
+    with pytest.raises(SecAggError, match="wrong index"):
+        rnd.server.unmask(swapped)
+    with pytest.raises(SecAggError, match="outside U2"):
+        rnd.server.unmask(dict(replies, p0=dict(replies["p0"], stranger=replies["p0"]["p1"])))
+    total = rnd.server.unmask(replies)
     np.testing.assert_array_equal(total, plain_sum(list(rnd.inputs.values())))
 
 
@@ -389,13 +542,18 @@ def test_malformed_state_rejected():
     state["stage"] = "shared"  # claims a stage whose secrets it lacks
     with pytest.raises(SecAggError, match="incomplete"):
         ClientSession.from_bytes(json.dumps(state).encode())
+    state["stage"] = "keys"
+    state["params"]["threshold"] = 1  # a stored state cannot smuggle in t < 2
+    state["params"]["colluders"] = 0
+    with pytest.raises(SecAggError, match="threshold"):
+        ClientSession.from_bytes(json.dumps(state).encode())
 
 
 def test_a_low_order_mask_key_is_refused_when_shares_are_made_before_any_input_exists():
     """A mask key that cannot agree would otherwise fail only at masking, after the device trained and paid."""
-    params = SessionParams(session_id=os.urandom(16), threshold=3, vector_length=L)
-    sessions = {u: ClientSession.start(params, u) for u in ids(4)}
-    keys = {u: pub for u, (_, pub) in sessions.items()}
-    keys["p3"] = {"c": keys["p3"]["c"], "s": bytes(32)}  # the all-zero point has low order
+    rnd, adverts = start(4, 3)
+    # an enrolled member (not the server: it cannot sign for p3) advertises the all-zero point, of low order
+    adverts["p3"] = signed_advert(rnd.params, "p3", adverts["p3"]["c"], bytes(32))
     with pytest.raises(SecAggError, match="key agreement failed"):
-        sessions["p0"][0].share_keys(keys)
+        rnd.clients["p0"].share_keys(adverts, PIN)
+    assert rnd.clients["p0"].stage == "keys"

@@ -4,6 +4,7 @@ sum plus exactly the noise of the shares, dropouts at each stage, and refusals b
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -23,6 +24,11 @@ from tests.helpers import message, plan, tables
 from tests.test_messages import arrays_record
 
 DEVICES = 8
+
+
+def colluders(t_min: int) -> int:
+    """The colluders a device's default policy assumes in a sum of threshold t (and the server's 'auto')."""
+    return math.ceil(t_min / 10)
 
 
 class LoopbackGrid:
@@ -64,7 +70,7 @@ def config(tmp_path) -> RunConfig:
 def secure_round(config: RunConfig, grid: LoopbackGrid, t_min: int, noise_multiplier: float = 1.0):
     p = plan(privacy="distributed", noise_multiplier=noise_multiplier, lr=0.5, num_negatives=4)
     t = tables(num_items=config.synthetic_items, dim=config.embedding_dim)
-    mechanism = training_mechanism(p, t.num_items, t.dim, t_min)
+    mechanism = training_mechanism(p, t.num_items, t.dim, t_min, colluders(t_min))
     content = {P.TABLES: arrays_record(P.tables_to_arrays(t)), P.PLAN: P_config(p)}
     asked = {100 + k: [f"sim-{k}"] for k in range(DEVICES)}
     replies, total, shares = run_secure_sum(grid, config, 1, "train", content, asked, mechanism, nonce=0,
@@ -88,8 +94,8 @@ def plain_grids(config: RunConfig, p, t, t_min: int, devices: list[str], tmp_sta
                           state=RecordDict(), run_config={})
         node = open_node(context, fresh)
         device = node.devices(RecordDict({P.COHORT: P_cohort([name])}))[0]
-        grid = GridSum.zeros(training_mechanism(p, t.num_items, t.dim, t_min))
-        train_devices([device], p, t, secure=grid, t_min=t_min)
+        grid = GridSum.zeros(training_mechanism(p, t.num_items, t.dim, t_min, colluders(t_min)))
+        train_devices([device], p, t, secure=grid, t_min=t_min, colluders=colluders(t_min))
         out[name] = grid.total
     return out
 
@@ -112,15 +118,20 @@ def test_the_server_sees_masked_vectors_and_decrypts_the_plain_sum_plus_the_shar
     for stage, replies_of_stage in grid.received.items():  # beside the protocol's values: public figures only
         for reply in replies_of_stage:
             assert set(reply.content.keys()) <= {P.REPORT, P.DEVICE, P.GRID, "secagg"}, stage
-            assert set(reply.content[P.REPORT].keys()) == {"declined", "epsilon", "epsilon-subverted"}, stage
+            assert set(reply.content[P.REPORT].keys()) <= {"declined", "epsilon", "epsilon-subverted", "epsilon-honest",
+                                                           P.THRESHOLD, P.COLLUDERS}, stage
+            if stage == "masked":  # each device names the t and c it accounted its release with
+                assert (reply.content[P.REPORT][P.THRESHOLD], reply.content[P.REPORT][P.COLLUDERS]) == ([6], [1])
             assert P.GRID not in reply.content or stage == "masked"
     residual = total - mechanism.decode(np.sum(list(plain.values()), axis=0))
-    # the noise of s = 8 shares, each of variance sigma^2 C'^2 / t_min: std sigma C' sqrt(s / t_min)
+    # the noise of s = 8 shares, each of variance sigma^2 C'^2 / (t_min - c): std sigma C' sqrt(s / (t_min - c))
     assert np.std(residual) == pytest.approx(mechanism.sum_noise_std(DEVICES), rel=0.15)
-    assert mechanism.sum_noise_std(DEVICES) == pytest.approx(1.0 * 0.5 * 1.0 * np.sqrt(DEVICES / 6), rel=1e-9)
+    assert mechanism.sum_noise_std(DEVICES) == pytest.approx(1.0 * 0.5 * 1.0 * np.sqrt(DEVICES / 5), rel=1e-9)
     assert abs(np.mean(residual)) < 4 * mechanism.sum_noise_std(DEVICES) / np.sqrt(residual.size)
-    # both figures reported by every device, the subverted one larger
-    assert all(replies.epsilon_subverted[d] > replies.epsilon[d] > 0 for d in replies.trained)
+    # the three figures reported by every device: honest < malicious with c colluders (headline) < own share
+    assert all(replies.epsilon_subverted[d] > replies.epsilon[d] > replies.epsilon_honest[d] > 0
+               for d in replies.trained)
+    assert all(replies.secure_seen[d] == (6, 1) for d in replies.trained)
 
 
 def test_a_device_dropping_after_its_masked_vector_is_declared_dead_and_the_sum_still_decrypts(config, tmp_path):
@@ -229,7 +240,7 @@ def test_a_device_refuses_a_mode_its_policy_leaves_out(config):
     grid = LoopbackGrid(strict)
     p = plan(privacy="user", update_clip=0.5, noise_multiplier=1.0, num_negatives=4, user_noise_multiplier=0.0)
     t = tables(num_items=config.synthetic_items, dim=config.embedding_dim)
-    mechanism = training_mechanism(p, t.num_items, t.dim, 6)
+    mechanism = training_mechanism(p, t.num_items, t.dim, 6, 1)
     asked = {100 + k: [f"sim-{k}"] for k in range(DEVICES)}
     replies, total, _ = run_secure_sum(grid, strict, 1, "train", {P.TABLES: arrays_record(P.tables_to_arrays(t)),
                                                                   P.PLAN: P_config(p)}, asked, mechanism, nonce=0,
@@ -237,14 +248,33 @@ def test_a_device_refuses_a_mode_its_policy_leaves_out(config):
     assert total is None and set(replies.refused.values()) == {"allowed-modes"}
 
 
-def test_a_threshold_at_or_below_half_the_participants_is_refused_by_each_device():
+def test_a_threshold_at_or_below_half_the_participants_and_colluders_is_refused_by_each_device(config):
+    """2t > |U1| + c, checked by every device on its own view before any share leaves; the server's own check is
+    defence in depth only, so the device is asked directly here."""
+    from fedrec.shared.identity import Authority, DeviceIdentity
     from fedrec.shared.secagg import ClientSession, SecAggError, SessionParams
 
-    params = SessionParams(session_id=b"x" * 16, threshold=3, vector_length=4)
-    sessions = [ClientSession.start(params, f"d{k}") for k in range(6)]
-    keys = {f"d{k}": pub for k, (_, pub) in enumerate(sessions)}
-    with pytest.raises(SecAggError, match="half"):
-        sessions[0][0].share_keys(keys)
+    authority = Authority.create()
+    params = SessionParams(session_id=b"x" * 16, threshold=4, vector_length=4, colluders=1)
+    sessions = {f"d{k}": ClientSession.start(params, DeviceIdentity.enrol(f"d{k}", authority)) for k in range(7)}
+    adverts = {d: advert for d, (_, advert) in sessions.items()}  # |U1| = 7 = 2t - c: refused
+    with pytest.raises(SecAggError, match="needs"):
+        sessions["d0"][0].share_keys(adverts, authority.key.public_key())
+    fewer = {d: adverts[d] for d in sorted(adverts)[:6]}
+    assert sessions["d1"][0].share_keys(fewer, authority.key.public_key())  # |U1| = 6 < 2t - c
+
+
+def test_a_device_refuses_a_plan_assuming_fewer_colluders_than_its_policy_before_committing(config):
+    grid = LoopbackGrid(config.replace(device_policy="max-colluders=2"))
+    _, _, _, replies, total, _ = secure_round(config, grid, t_min=6)  # c = 1
+    assert total is None and not replies.trained and set(replies.refused.values()) == {"max-colluders"}
+    assert all(P.GRID not in r.content and "secagg" not in r.content for r in grid.received["keys"])
+
+
+def test_a_threshold_past_the_policy_cap_is_refused_at_the_key_stage(config):
+    grid = LoopbackGrid(config.replace(device_policy="max-aggregation-threshold=5"))
+    _, _, _, replies, total, _ = secure_round(config, grid, t_min=6)
+    assert total is None and set(replies.refused.values()) == {"max-aggregation-threshold"}
 
 
 def test_bias_updates_go_on_the_grid_unscaled_so_the_sensitivity_holds_at_any_bias_scale():
@@ -299,7 +329,7 @@ def test_a_noise_multiplier_beyond_exact_sampling_is_refused_at_the_key_stage(co
     t = tables(num_items=config.synthetic_items, dim=config.embedding_dim)
     with pytest.raises(PlanError, match="draws exactly"):
         training_mechanism(p, t.num_items, t.dim, 6)
-    mechanism = training_mechanism(replace(p, noise_multiplier=1.0), t.num_items, t.dim, 6)  # the server's side
+    mechanism = training_mechanism(replace(p, noise_multiplier=1.0), t.num_items, t.dim, 6, 1)  # the server's side
     replies, total, _ = run_secure_sum(grid, config, 1, "train", {P.TABLES: arrays_record(P.tables_to_arrays(t)),
                                                                   P.PLAN: P_config(p)},
                                        {100 + k: [f"sim-{k}"] for k in range(DEVICES)}, mechanism, nonce=0,

@@ -145,3 +145,113 @@ def test_numbers_no_state_holds_are_state_errors_not_crashes(tmp_path):
         (tmp_path / "sim-7.0.json").write_bytes(b'{"seq": 0, "sha256": "%s", "state": ' % digest.encode() + crafted + b"}")
         with pytest.raises(StateError, match="no intact copy"):
             SlotStateStore(tmp_path, "sim-7").load()
+
+
+def test_a_format_1_state_is_charged_at_its_own_share_figure(tmp_path):
+    """Format 1 accounted secure-mode releases as if the server followed the protocol, with keys it could
+    substitute: read now, its own-share history is the headline (the budget's), its old headline the honest one."""
+    honest, own = [[1.0, 1.0, 3]], [[0.12, 1.0, 3]]
+    payload = {"format": 1, "device_id": "d", "user_row": None, "history": honest, "rounds": [1, 2, 3],
+               "declined": [], "refused": [], "non_private": False, "subverted_history": own, "user_history": [],
+               "user_subverted_history": [], "not_user_level": True, "user_row_exact": None}
+    body = json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()
+    doc = {"sha256": hashlib.sha256(body).hexdigest(), "state": payload}
+    (tmp_path / "s.json").write_text(json.dumps(doc))
+    migrated = FileStateStore(tmp_path / "s.json").load()
+    assert migrated.history == ((0.12, 1.0, 3),) and migrated.honest_history == ((1.0, 1.0, 3),)
+    assert migrated.subverted_history == migrated.history and migrated.secure_sums == ()
+    again = DeviceState.from_bytes(migrated.to_bytes(), source="x")  # written back in format 2: the same state
+    assert again == migrated
+
+
+def test_interleaved_messages_on_one_state_keep_every_charge(tmp_path):
+    """Two messages for one device (processes sharing its state path): each reserves (admit + charge under the
+    lock) and stores its trained row after, re-reading the state; no interleaving erases the other's charge."""
+    import threading
+
+    from fedrec.shared.device import Device, DeviceSettings
+    from fedrec.shared.policy import PrivacyPolicy
+    from tests.helpers import plan
+
+    path = tmp_path / "state.json"
+
+    def device() -> Device:  # a fresh object per message, as a fresh process per message would build it
+        return Device("d", 1, lambda: None, FileStateStore(path), DeviceSettings(4, 0.1, 0),
+                      PrivacyPolicy(epsilon_budget=1e4))
+
+    first, second = device(), device()
+    verdict, before = first.reserve(plan(server_round=1))  # message 1 charged, training...
+    assert verdict is None and not before.history
+    verdict, _ = second.reserve(plan(server_round=2))  # message 2 arrives meanwhile and is charged too
+    assert verdict is None
+    first.store_row(plan(server_round=1), np.ones(4, dtype=np.float32))  # message 1 finishes last
+    final = FileStateStore(path).load()
+    both = [*plan(server_round=1).privacy_steps(), *plan(server_round=2).privacy_steps()]
+    assert final.rounds == (1, 2) and sum(n for _, _, n in final.history) == sum(n for _, _, n in both)
+    np.testing.assert_array_equal(final.user_row, np.ones(4, dtype=np.float32))
+
+    # and under real contention: many threads reserving at once never lose a charge
+    threads = [threading.Thread(target=lambda r=r: device().reserve(plan(server_round=r))) for r in range(3, 23)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(FileStateStore(path).load().rounds) == list(range(1, 23))
+
+
+def test_a_refusal_recorded_at_the_key_stage_never_erases_a_charge_stored_meanwhile(tmp_path):
+    """The key stage records refusals under the state's lock, on the state as stored then (Device.screen): a charge
+    a concurrent task stored after this message started is kept (a hostile review found it overwritten)."""
+    from fedrec.shared.device import Device, DeviceSettings
+    from fedrec.shared.policy import PrivacyPolicy
+    from tests.helpers import plan
+
+    d = Device("d", 1, lambda: None, FileStateStore(tmp_path / "s.json"), DeviceSettings(4, 0.1, 0),
+               PrivacyPolicy())
+    p = plan(privacy="distributed", noise_multiplier=1.0)
+    assert d.reserve(p, 10, 1)[0] is None  # a concurrent masked stage: charged
+    refused = d.screen(p, 1, 0)  # then the key stage of another request: t = 1 is refused and recorded
+    assert refused is not None and refused.refused == "min-aggregation-threshold"
+    after = d.load_state()
+    assert after.rounds == (1,) and after.history and after.refused == ((1, "min-aggregation-threshold"),)
+
+
+def test_two_requests_racing_on_one_deployed_session_never_both_pass_a_stage(tmp_path):
+    """A deployed device keeps its secure-sum session in a file behind a lock, loaded, advanced and saved in one
+    step: a second request for the same stage (Flower may run both as parallel processes, each from one Context
+    snapshot) finds the stage passed and is refused, so it can neither mask a second vector with the same masks
+    nor sign a second survivor view (the hostile review's race, which Context.state allowed)."""
+    import os
+
+    from fedrec.client.nodes import SessionStore
+    from fedrec.shared.identity import Authority, DeviceIdentity
+    from fedrec.shared.secagg import ClientSession, SecAggError, SessionParams, ServerSession
+
+    authority = Authority.create()
+    ids = [f"d{k}" for k in range(5)]
+    identities = {i: DeviceIdentity.enrol(i, authority) for i in ids}
+    params = SessionParams(os.urandom(16), 4, 3, colluders=1)
+    server = ServerSession(params)
+    sessions, adverts = {}, {}
+    for i in ids:
+        sessions[i], adverts[i] = ClientSession.start(params, identities[i])
+    relay, _ = server.receive_keys(adverts)
+    routed = server.route_shares({i: sessions[i].share_keys(relay, authority.key.public_key()) for i in ids})
+    store = SessionStore(path=tmp_path / "secagg-session.json")
+    store.save(sessions["d0"], plan="x")
+
+    def advance(step) -> object:  # what every stage handler does: load, advance, save, under the lock
+        with store.locked():
+            session, saved = store.load()
+            out = step(session)
+            store.save(session, **saved)
+            return out
+
+    advance(lambda s: s.receive_shares(routed["d0"]))
+    with pytest.raises(SecAggError, match="out of order"):
+        advance(lambda s: s.receive_shares(routed["d0"]))  # the racing masked request: refused before training
+    advance(lambda s: s.mask_input(np.zeros(3, dtype=np.uint64)))
+    advance(lambda s: s.consistency(ids[:4], [ids[4]], identities["d0"]))
+    with pytest.raises(SecAggError, match="out of order"):
+        advance(lambda s: s.consistency(ids, [], identities["d0"]))  # a second view: refused
+    assert (tmp_path / "secagg-session.json").stat().st_mode & 0o777 == 0o600  # it holds the session's secrets
