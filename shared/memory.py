@@ -1,4 +1,4 @@
-"""What one round of local training needs in memory, from public quantities only (no torch: checked before data is read).
+"""What one round of local training needs in memory, from public quantities only (no torch: checked before any data).
 
 A device's memory use, and so whether it fails, must not depend on its private data (docs: privacy model). Every
 choice that sets an allocation in shared/training.py comes from here, and reads only what the server sent or chose:

@@ -1,4 +1,5 @@
-"""The `fedrec` command: simulate, prepare (and the subcommands of later modules)."""
+"""The `fedrec` command: simulate, prepare, audit, report, bench, deploy-local; `enrol` (the operator's
+credentials) and `device` (run on a device: status, recommend, keygen)."""
 
 from __future__ import annotations
 
@@ -190,11 +191,86 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from fedrec.client.recommend import recommend
 
+    if args.command == "recommend":  # the old name
+        print("note: `fedrec recommend` moved to `fedrec device recommend` (same options)", file=sys.stderr)
     picks, server_round = recommend(Path(args.state_path), Path(args.catalogue), k=args.k,
                                     data_path=Path(args.data_path) if args.data_path else None)
     print(f"top {len(picks)} for this device (item model of round {server_round}; items it already has left out)")
     for rank, pick in enumerate(picks, 1):
         print(f"{rank:>3}. {pick.label}  [item {pick.item_id}, score {pick.score:.3f}]")
+    return 0
+
+
+def cmd_device_status(args: argparse.Namespace) -> int:
+    from fedrec.client.recommend import device_status, format_status
+    from fedrec.server.records import dumps
+
+    if bool(args.state_path) == bool(args.state_dir):
+        raise ConfigError("fedrec device status: give --state-path DIR (a deployed device's state folder) or "
+                          "--state-dir DIR --device-id ID (a simulated device of a run), not both")
+    if args.state_dir and not args.device_id:
+        raise ConfigError("fedrec device status --state-dir: also give --device-id (e.g. sim-3)")
+    status = device_status(state_path=Path(args.state_path) if args.state_path else None,
+                           state_dir=Path(args.state_dir) if args.state_dir else None, device_id=args.device_id,
+                           policy_path=Path(args.policy) if args.policy else None)
+    print(dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_device_keygen(args: argparse.Namespace) -> int:
+    from .enrol import device_keygen
+
+    key, public = device_keygen(Path(args.out))
+    print(f"wrote {key} (the device's signing key, mode 0600: it never leaves this device)\n"
+          f"wrote {public} (send it to the enrolment authority: fedrec enrol device --public-key {public.name} "
+          "--device-id ID ...)")
+    return 0
+
+
+def cmd_enrol_authority(args: argparse.Namespace) -> int:
+    from .enrol import create_authority
+
+    files = create_authority(Path(args.out))
+    print(f"wrote {files.key} (the authority's private key, mode 0600: keep it on this machine, never on the "
+          f"aggregating server)\nwrote {files.pub} (its public key)\n"
+          f"pin it on every device, in the device's own policy:\n"
+          f"enrolment-authority=\"{files.public_hex}\"")
+    return 0
+
+
+def cmd_enrol_device(args: argparse.Namespace) -> int:
+    from .enrol import enrol_device
+
+    files = enrol_device(Path(args.authority), args.device_id, Path(args.out),
+                         public_key=Path(args.public_key) if args.public_key else None, valid_days=args.days)
+    if files.key is not None:
+        print(f"wrote {files.key} (device {files.device_id}'s signing key, mode 0600: copy it to that device only, "
+              "then delete it here)")
+    print(f"wrote {files.cert} (certificate for device-id {files.device_id!r}, {args.days} days, issued by "
+          f"authority {files.authority_hex[:16]}...)\n"
+          f"on the device, node config: device-id=\"{files.device_id}\" identity-key=\"<path of device.key>\" "
+          f"identity-cert=\"<path of device.crt>\" enrolment-authority=\"{files.authority_hex}\"")
+    return 0
+
+
+def cmd_enrol_tls(args: argparse.Namespace) -> int:
+    from .enrol import enrol_tls
+
+    files = enrol_tls(Path(args.out), args.host, valid_days=args.days)
+    print(f"wrote {files.ca_cert} (the CA certificate: every SuperNode's --root-certificates and the flwr CLI's "
+          f"root-certificates)\nwrote {files.server_cert} and {files.server_key} (mode 0600), for the SuperLink "
+          f"only: flower-superlink --ssl-ca-certfile {files.ca_cert.name} --ssl-certfile {files.server_cert.name} "
+          f"--ssl-keyfile {files.server_key.name}\nsubject alternative names: {', '.join(args.host)}; valid "
+          f"{args.days} days; the CA's private key was not kept")
+    return 0
+
+
+def cmd_enrol_node_key(args: argparse.Namespace) -> int:
+    from .enrol import enrol_node_key
+
+    private, public = enrol_node_key(Path(args.out), args.name)
+    print(f"wrote {private} (SuperNode key, mode 0600: the device's --auth-supernode-private-key)\n"
+          f"wrote {public} (register it at the SuperLink: flwr supernode register {public.name} CONNECTION)")
     return 0
 
 
@@ -305,13 +381,67 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS", help="more settings")
     dep.set_defaults(func=cmd_deploy_local)
 
-    rec = sub.add_parser("recommend", parents=[common], help="on a device: its top-K items from the latest item "
-                                                             "model it received (titles where the catalogue has them)")
-    rec.add_argument("--state-path", required=True, help="the device's state folder (its node config state-path)")
-    rec.add_argument("--catalogue", required=True, help="the public catalogue.csv of the federation")
-    rec.add_argument("--data-path", help="the device's events file (default: the one its node was started with)")
-    rec.add_argument("-k", type=int, default=10, help="how many items (default 10)")
-    rec.set_defaults(func=cmd_recommend)
+    enrol = sub.add_parser("enrol", help="operator credentials: the enrolment authority, device certificates, the "
+                                         "SuperLink's TLS files, SuperNode keys")
+    enrol_sub = enrol.add_subparsers(dest="enrol_command", required=True)
+    auth = enrol_sub.add_parser("authority", parents=[common],
+                                help="create the enrolment authority (on a machine that is not the aggregating "
+                                     "server) and print the public key every device pins")
+    auth.add_argument("--out", required=True, help="folder for authority.key (0600) and authority.pub")
+    auth.set_defaults(func=cmd_enrol_authority)
+    dev = enrol_sub.add_parser("device", parents=[common], help="issue a device's certificate (and, without "
+                                                                "--public-key, its signing key)")
+    dev.add_argument("--authority", required=True, help="the authority's private key (DIR/authority.key)")
+    dev.add_argument("--device-id", required=True, help="the device's unique id (the certificate's subject; the "
+                                                        "device's node config device-id)")
+    dev.add_argument("--out", required=True, help="folder for device.crt (and device.key, 0600)")
+    dev.add_argument("--public-key", help="certify this Ed25519 public key (PEM, from fedrec device keygen on the "
+                                          "device) instead of making a key here: the private key never leaves "
+                                          "the device")
+    dev.add_argument("--days", type=int, default=365, help="validity of the certificate in days (default 365)")
+    dev.set_defaults(func=cmd_enrol_device)
+    tls = enrol_sub.add_parser("tls", parents=[common], help="a CA and the SuperLink's server certificate and key")
+    tls.add_argument("--out", required=True, help="folder for ca.crt, server.pem and server.key (0600)")
+    tls.add_argument("--host", action="append", required=True,
+                     help="the SuperLink's address as devices dial it, an IP address or DNS name (repeat for more); "
+                          "each becomes a subject alternative name")
+    tls.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    tls.set_defaults(func=cmd_enrol_tls)
+    nkey = enrol_sub.add_parser("node-key", parents=[common], help="a SuperNode authentication key pair "
+                                                                   "(EC P-384, OpenSSH format)")
+    nkey.add_argument("--out", required=True, help="folder for NAME (private, 0600) and NAME.pub")
+    nkey.add_argument("--name", required=True, help="file name of the key, e.g. the device id")
+    nkey.set_defaults(func=cmd_enrol_node_key)
+
+    device = sub.add_parser("device", help="on a device: its status, recommendations, its key")
+    device_sub = device.add_subparsers(dest="device_command", required=True)
+    status = device_sub.add_parser("status", parents=[common],
+                                   help="the device's own privacy figures, budget left, rounds, declines and "
+                                        "refusals, from its own state only")
+    status.add_argument("--state-path", help="a deployed device's state folder (its node config state-path)")
+    status.add_argument("--state-dir", help="or a simulation's device-state folder (RUN/device-state) ...")
+    status.add_argument("--device-id", help="... and the simulated device's id (e.g. sim-3)")
+    status.add_argument("--policy", help="the device's policy file (TOML of policy keys), where the state folder "
+                                         "does not tell (default: its node.json's, a policy.toml beside the state, "
+                                         "or a simulated run's config)")
+    status.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    status.set_defaults(func=cmd_device_status)
+    keygen = device_sub.add_parser("keygen", parents=[common],
+                                   help="make the device's own signing key; send device.pub to the enrolment "
+                                        "authority (fedrec enrol device --public-key)")
+    keygen.add_argument("--out", required=True, help="folder for device.key (0600) and device.pub")
+    keygen.set_defaults(func=cmd_device_keygen)
+    for name, parent, help_text in (
+            ("recommend", device_sub, "on a device: its top-K items from the latest item model it received (titles "
+                                      "where the catalogue has them)"),
+            ("recommend", sub, "moved to `fedrec device recommend` (still works)")):
+        rec = parent.add_parser(name, parents=[common], help=help_text)
+        rec.add_argument("--state-path", required=True, help="the device's state folder (its node config "
+                                                             "state-path)")
+        rec.add_argument("--catalogue", required=True, help="the public catalogue.csv of the federation")
+        rec.add_argument("--data-path", help="the device's events file (default: the one its node was started with)")
+        rec.add_argument("-k", type=int, default=10, help="how many items (default 10)")
+        rec.set_defaults(func=cmd_recommend)
 
     prep = sub.add_parser("prepare", parents=[common], help="turn a raw data set into per-device partitions, a "
                                                             "catalogue and the server's folder (OUT/server)")

@@ -1,5 +1,6 @@
 """`fedrec deploy-local`: a real deployment on loopback - a SuperLink with TLS and SuperNode authentication,
-one SuperNode per device with only its own data, `flwr run` of the app - and every process stopped after."""
+one SuperNode per device with only its own data and an enrolled identity, `flwr run` of the app - and every
+process stopped after. Its credentials come from the same functions as `fedrec enrol` (simulation/enrol.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from fedrec.shared.data.prepared import (
 )
 
 from .credentials import TlsFiles, write_node_keys, write_tls
+from .enrol import AUTHORITY_KEY, DEVICE_CERT, DEVICE_KEY, authority_hex, check_device, \
+    create_authority, enrol_device
 from .procs import free_port
 
 log = logging.getLogger("fedrec.deploy")
@@ -138,6 +141,28 @@ class LocalDeployment:
 
     def node_keys(self, name: str) -> tuple[Path, Path]:
         return write_node_keys(self.out / "credentials" / "supernodes", name)
+
+    def authority(self) -> str:
+        """The enrolment authority of this federation (out/credentials/authority, apart from the SuperLink's TLS
+        files in out/credentials/tls): created on first use, kept across runs on the same `out`. Returns the
+        pin (its public key as 64 hex digits)."""
+        folder = self.out / "credentials" / "authority"
+        if (folder / AUTHORITY_KEY).exists():
+            return authority_hex(folder / AUTHORITY_KEY)
+        return create_authority(folder).public_hex
+
+    def device_identity(self, device_id: str, folder_name: str) -> tuple[Path, Path]:
+        """(device.key, device.crt) of `device_id`, issued by this federation's authority as `fedrec enrol device`
+        does (out/credentials/devices/<folder_name>); an identity issued on an earlier run is kept if it still
+        checks out against the authority and the id."""
+        pin = self.authority()
+        folder = self.out / "credentials" / "devices" / folder_name
+        key, cert = folder / DEVICE_KEY, folder / DEVICE_CERT
+        if key.exists() and cert.exists():
+            check_device(key, cert, pin, device_id)
+            return key, cert
+        enrol_device(self.out / "credentials" / "authority" / AUTHORITY_KEY, device_id, folder)
+        return key, cert
 
     def register(self, public_keys: list[Path]) -> None:
         """Register the SuperNodes' public keys with the SuperLink, a few at a time (one `flwr` process each, ~1 s)."""
@@ -331,22 +356,44 @@ def server_run_config(config: RunConfig, server_folder: Path, run_dir: Path) -> 
     return run_config
 
 
+def write_policy_file(path: Path, policy: PrivacyPolicy) -> Path:
+    """A device's privacy policy as a TOML file of policy keys (what its node config's policy-path names)."""
+    lines = [f"{key} = {_toml_value(value)}" for key, value in policy.to_mapping().items()]
+    path.write_text("# this device's own privacy policy (fedrec deploy-local)\n" + "\n".join(lines) + "\n",
+                    encoding="utf-8")
+    return path
+
+
+def device_id_of(path: Path) -> str:
+    """deploy-local's device id for a device file: 'device-<stem>' (a real deployment chooses its own unique ids)."""
+    return f"device-{path.stem}"
+
+
 def start_devices(deployment: LocalDeployment, data: DeploymentData,
                   policy: PrivacyPolicy) -> dict[str, tuple[Path, dict]]:
-    """Register a key per device and start its SuperNode with only its own file, the catalogue and its policy.
+    """Enrol each device, register its SuperNode key and start its SuperNode with only its own file, the catalogue,
+    its identity and its policy.
 
-    deploy-local plays the devices' owners too: each device's privacy policy goes into its own node config
-    (the run config the server sends cannot change it). Returns name -> (private key, node config).
+    deploy-local plays the authority and the devices' owners too: each device gets a unique device-id
+    ('device-<stem>'), a signing key and certificate from this federation's enrolment authority
+    (out/credentials/authority), and its privacy policy (`policy`, pinning that authority as
+    enrolment-authority) in its own settings, which the run config the server sends cannot change: a
+    policy.toml in its state folder, named by its node config's policy-path (where `fedrec device status`
+    finds it too). Returns name -> (private key, node config).
     """
     nodes = {}
-    keys = {path: deployment.node_keys(f"device-{path.stem}") for path in data.devices}
+    policy = replace(policy, enrolment_authority=deployment.authority())
+    keys = {path: deployment.node_keys(device_id_of(path)) for path in data.devices}
     deployment.register([public for _, public in keys.values()])
     for path in data.devices:
         private, _ = keys[path]
         state = deployment.out / "devices" / path.stem
         state.mkdir(parents=True, exist_ok=True)
+        identity_key, identity_cert = deployment.device_identity(device_id_of(path), path.stem)
+        policy_file = write_policy_file(state / "policy.toml", policy)
         node_config = {"data-path": str(path), "catalogue-path": str(data.catalogue), "state-path": str(state),
-                       **policy.to_mapping()}
+                       "device-id": device_id_of(path), "identity-key": str(identity_key),
+                       "identity-cert": str(identity_cert), "policy-path": str(policy_file)}
         deployment.start_supernode(f"supernode-{path.stem}", private, node_config)
         nodes[f"supernode-{path.stem}"] = (private, node_config)
     return nodes

@@ -17,6 +17,7 @@ from fedrec.simulation.procs import processes_mentioning
 pytestmark = pytest.mark.e2e
 TINY = dict(synthetic_items=60, synthetic_topics=4, synthetic_mean_events=12, embedding_dim=4, num_negatives=4,
             eval_every=2)
+IDS = ["device-0", "device-1", "device-2"]  # deploy-local's device ids: 'device-<file stem>'
 
 
 def test_deploy_local_runs_a_federation_of_supernodes_and_stops_them(tmp_path, capsys):
@@ -25,15 +26,28 @@ def test_deploy_local_runs_a_federation_of_supernodes_and_stops_them(tmp_path, c
     assert summary["devices"] == 3 and summary["rounds"] == 2 and summary["dp"] is True
     ledger = [json.loads(line) for line in (out / "run" / "ledger.jsonl").read_text().splitlines()]
     assert [(entry["round"], entry["status"]) for entry in ledger] == [(r, s) for r in (0, 1, 2) for s in ("sent", "done")]
-    assert all(sorted(entry["trained"]) == ["0", "1", "2"] for entry in ledger if entry["status"] == "done")
+    assert all(sorted(entry["trained"]) == IDS for entry in ledger if entry["status"] == "done")
     assert summary["metrics"]["hr@10"] is None and summary["federated_eval"] == {}  # nothing left a device unasked
     assert "OS entropy" in summary["privacy"]["server_randomness"]
     assert 0 < summary["privacy"]["record_level"]["epsilon_max"] <= 8.0
     for device in ("0", "1", "2"):  # each device's state and latest model live with the device, not the server
         assert {p.name for p in (out / "devices" / device).iterdir()} >= {"state.json", "item-model.npz"}
-    assert main(["recommend", "--state-path", str(out / "devices" / "0"), "--catalogue",
+    assert main(["device", "recommend", "--state-path", str(out / "devices" / "0"), "--catalogue",
                  str(out / "data" / "catalogue.csv"), "-k", "3"]) == 0
     assert capsys.readouterr().out.count("[item ") == 3
+    # each device was enrolled by the federation's authority, kept apart from the SuperLink's TLS files
+    credentials = out / "credentials"
+    assert {p.name for p in (credentials / "authority").iterdir()} == {"authority.key", "authority.pub"}
+    assert not {p.name for p in (credentials / "tls").iterdir()} & {"authority.key", "authority.pub"}
+    from fedrec.simulation.enrol import check_device
+
+    pin = (credentials / "authority" / "authority.pub").read_text().strip()
+    for stem in ("0", "1", "2"):
+        device = credentials / "devices" / stem
+        check_device(device / "device.key", device / "device.crt", pin, f"device-{stem}")
+    assert main(["device", "status", "--state-path", str(out / "devices" / "1")]) == 0
+    status = capsys.readouterr().out
+    assert status.startswith("device device-1 (deployed") and "rounds joined: 3 (0-2)" in status
     time.sleep(1)
     assert processes_mentioning(str(out)) == []
     # The server was given its folder alone: the public catalogue and a manifest with nothing per device.
@@ -61,8 +75,15 @@ def test_deploy_local_runs_real_secure_aggregation_in_the_distributed_mode(tmp_p
     ledger = [json.loads(line) for line in (out / "run" / "ledger.jsonl").read_text().splitlines()]
     done = [entry for entry in ledger if entry["status"] == "done"]
     assert [(e["kind"], e["round"]) for e in done] == [("popularity", 0), ("train", 1)]
-    assert all(e["secure_sum"] == {"aggregation": "real", "decrypted": True, "shares": 3, "t_min": 3} for e in done)
+    assert all(e["secure_sum"] == {"aggregation": "real", "colluders": 1, "decrypted": True, "shares": 3,
+                                  "t_min": 3} for e in done)
     assert audit_run(out / "run")["verdict"] == "pass"
+    # the device's own view: its figures from its own state, a secure sum per round it joined, no refusal
+    from fedrec.client.recommend import device_status
+
+    status = device_status(state_path=out / "devices" / "0")
+    assert status["device_id"] == "device-0" and len(status["secure_sums"]) == 2 and status["refused"] == {}
+    assert status["record_level"]["malicious"] == pytest.approx(privacy["record_level"]["epsilon_max"], rel=1e-6)
     time.sleep(1)
     assert processes_mentioning(str(out)) == []
 
@@ -72,7 +93,8 @@ def test_a_supernode_without_a_registered_key_is_refused(tmp_path):
         deployment.start_superlink()
         private, _ = deployment.node_keys("stranger")  # created, never registered
         node = deployment.start_supernode("stranger", private, {"data-path": "unused", "catalogue-path": "unused",
-                                                                "state-path": str(tmp_path / "state")})
+                                                                "state-path": str(tmp_path / "state"),
+                                                                "device-id": "stranger"})
         assert node.wait(timeout=120) != 0
         assert "Failed to activate SuperNode" in (tmp_path / "deploy" / "logs" / "stranger.log").read_text()
     assert processes_mentioning(str(tmp_path / "deploy")) == []
@@ -120,11 +142,11 @@ def test_a_killed_supernode_fails_its_round_and_rejoins_with_its_epsilon(tmp_pat
     config = RunConfig(devices=3, rounds=5, devices_per_round=3, round_timeout=40.0, epsilon_budget=30.0,
                        **{**TINY, "eval_every": 5})
     entries = {e["round"]: e for e in run_with_a_killed_supernode(config, out)}
-    assert entries[1]["trained"] == ["0", "1", "2"]
-    assert "2" in entries[2]["failed"] and entries[2]["trained"] == ["0", "1"]
-    rejoined = [r for r in (3, 4, 5) if "2" in entries[r]["trained"]]
+    assert entries[1]["trained"] == IDS
+    assert "device-2" in entries[2]["failed"] and entries[2]["trained"] == IDS[:2]
+    rejoined = [r for r in (3, 4, 5) if "device-2" in entries[r]["trained"]]
     assert rejoined, {r: entries[r]["failed"] for r in (3, 4, 5)}
-    assert entries[rejoined[0]]["epsilon_reported"]["2"] > entries[1]["epsilon_reported"]["2"] > 0
+    assert entries[rejoined[0]]["epsilon_reported"]["device-2"] > entries[1]["epsilon_reported"]["device-2"] > 0
     assert json.loads((out / "run" / "summary.json").read_text())["rounds"] == 5
     assert processes_mentioning(str(out)) == []
 
@@ -191,10 +213,11 @@ def test_a_secure_round_missing_a_supernode_aborts_before_training_and_charges_n
     config = RunConfig(devices=3, rounds=4, devices_per_round=3, round_timeout=30.0, epsilon_budget=30.0,
                        privacy="distributed", **{**TINY, "eval_every": 5})
     entries = {e["round"]: e for e in run_with_a_killed_supernode(config, out) if e["kind"] == "train"}
-    assert entries[1]["secure_sum"]["decrypted"] and entries[1]["trained"] == ["0", "1", "2"]
-    assert entries[2]["secure_sum"] == {"aggregation": "real", "decrypted": False, "shares": 0, "t_min": 3}
-    assert entries[2]["trained"] == [] and "2" in entries[2]["failed"]
-    for device in ("0", "1"):  # asked, answered the key stage, never trained: not charged
+    assert entries[1]["secure_sum"]["decrypted"] and entries[1]["trained"] == IDS
+    assert entries[2]["secure_sum"] == {"aggregation": "real", "colluders": 1, "decrypted": False, "shares": 0,
+                                        "t_min": 3}
+    assert entries[2]["trained"] == [] and "device-2" in entries[2]["failed"]
+    for device in IDS[:2]:  # asked, answered the key stage, never trained: not charged
         assert entries[2]["epsilon_reported"][device] == entries[1]["epsilon_reported"][device]
     later = [entries[r] for r in (3, 4) if entries[r]["secure_sum"]["decrypted"]]
     assert later and all(e["secure_sum"]["shares"] == len(e["trained"]) >= e["secure_sum"]["t_min"] for e in later)

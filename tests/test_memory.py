@@ -23,8 +23,6 @@ from fedrec.shared.state import FileStateStore
 from fedrec.shared.training import DeviceTrainingData, train_cohort
 from tests.helpers import plan, tables
 
-import os as _os
-ENV0 = dict(_os.environ)
 PUBLIC = {"requested", "rows", "dim", "limit", "plan", "num_items", "cohort", "hooks_limit", "exact_clipping",
           "mode", "trained", "lookups", "per_example_bytes"}
 
@@ -160,10 +158,11 @@ def test_a_device_refuses_a_plan_past_its_memory_cap_before_reading_data(tmp_pat
     assert FileStateStore(tmp_path / "s.json").load().history == ()
 
 
-# One device's round in a fresh process: its peak memory above the process's own, and whether it finished under an
+# One device's round in a fresh process: its peak memory above what the process held before (VmHWM, reset through
+# clear_refs: ru_maxrss would carry the parent's peak across fork and exec), and whether it finished under an
 # address-space limit of (what it holds before training + `limit`).
 CHILD = r"""
-import json, os, resource, sys
+import json, resource, sys
 import numpy as np
 from fedrec.shared import training
 from fedrec.shared.model import ItemTables
@@ -173,8 +172,9 @@ args = json.loads(sys.argv[1])
 plan = LocalTrainingPlan.from_config(args["plan"])
 n_items, dim, n = args["num_items"], args["dim"], args["n"]
 
-def statm(field):
-    return int(open("/proc/self/statm").read().split()[field]) * os.sysconf("SC_PAGE_SIZE")
+def status(field):
+    line = next(line for line in open("/proc/self/status") if line.startswith(field + ":"))
+    return int(line.split()[1]) * 1024
 
 def device(n, num_items, seed):
     items = np.random.default_rng(seed).integers(0, num_items, n).astype(np.int64)
@@ -185,15 +185,16 @@ data = device(n, n_items, 1)
 # warm up on a 5-item catalogue (imports, thread pools), so what follows is the round itself
 training.train_cohort(plan, ItemTables.initial(5, dim, scale=0.3, rng=np.random.default_rng(0)),
                       np.zeros((1, dim), np.float32), device(3, 5, 0), [[]], noise_seed=0)
-before = statm(1)
-resource.setrlimit(resource.RLIMIT_AS, (statm(0) + args["limit"], resource.RLIM_INFINITY))
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to what the process holds now
+    f.write("5")
+before = status("VmRSS")
+resource.setrlimit(resource.RLIMIT_AS, (status("VmSize") + args["limit"], resource.RLIM_INFINITY))
 try:
     training.train_cohort(plan, tables, np.zeros((1, dim), np.float32), data, [[]], noise_seed=0)
     outcome = "ok"
 except (MemoryError, RuntimeError) as err:  # torch: "DefaultCPUAllocator: can't allocate memory"
     outcome = type(err).__name__
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps({"outcome": outcome, "growth": peak - before}))
+print(json.dumps({"outcome": outcome, "growth": status("VmHWM") - before}))
 """
 
 
@@ -214,7 +215,6 @@ def test_devices_of_n_and_10n_interactions_fit_the_same_memory(tmp_path):
     p = plan(grad_sample_mode="hooks", num_negatives=16, sample_rate=1.0, steps=1)
     need = memory.training_memory_bytes(p, num_items=num_items, dim=dim)
     small, large = (run_alone(p, num_items=num_items, dim=dim, n=n, limit=need) for n in (300, 3000))
-    print(need, small, large); import os; print({k: v for k, v in os.environ.items() if k not in ENV0})
     assert small["outcome"] == large["outcome"] == "ok"
     assert abs(large["growth"] - small["growth"]) <= 8 * 2**20
     assert max(small["growth"], large["growth"]) <= need  # the public need bounds what a round takes
