@@ -35,7 +35,7 @@ from dataclasses import dataclass, replace
 from typing import Protocol
 
 FLOAT, INDEX = 4, 8
-CHUNK_BYTES = 64 * 2**20  # the per-example working memory one chunk aims at
+CHUNK_BYTES = 32 * 2**20  # the per-example working memory one chunk aims at
 # At most this many examples a chunk per device of the cohort: every step runs at least one full chunk, so a small
 # device pays for the padding (measured: tests/test_memory.py's timing note, docs in the module docstring).
 CHUNK_EXAMPLES_PER_DEVICE = 256
