@@ -53,6 +53,11 @@ def _arrays(record: ArrayRecord) -> dict:
     return {key: array.numpy() for key, array in record.items()}
 
 
+# Failures of the machine rather than of the request or the device's files: after a device committed, they are
+# answered as declines (local mode) or with the noise share alone (secure modes), never as an error code.
+RESOURCE_FAILURES: tuple[type[BaseException], ...] = (MemoryError, RuntimeError)
+
+
 def error_code(err: BaseException) -> str:
     """The data-free name of an error: its kind only."""
     return next((code for kind, code in ERROR_CODES if isinstance(err, kind)), "internal-error")
@@ -75,8 +80,18 @@ def handle_train(message: Message, context: Context, config: RunConfig) -> Messa
                                        colluders=grid.mechanism.colluders, nonce=P.nonce(message.content[P.COHORT])))
     total = PartialSum.zeros(tables.num_items, tables.dim)
     clip = P.delta_clip(message.content[P.COHORT])
-    outcomes = train_devices(devices, plan, tables, into=total, delta_clip=clip,
-                             nonce=P.nonce(message.content[P.COHORT]))
+    try:
+        outcomes = train_devices(devices, plan, tables, into=total, delta_clip=clip,
+                                 nonce=P.nonce(message.content[P.COHORT]))
+    except NonFiniteUpdate:
+        raise  # its own error code: nothing was sent, the steps are charged
+    except RESOURCE_FAILURES as err:
+        # After the write-ahead charge, a failure of the machine (memory, an allocation refused) is answered like a
+        # decline, with the figures as charged: whether it fails must not show anything the data shaped.
+        log.warning("round %d: training failed after the round was charged (%s); answering as declined",
+                    plan.server_round, type(err).__name__)
+        outcomes = [d._outcome(d.load_state(), plan, declined=True) for d in devices]
+        total = PartialSum.zeros(tables.num_items, tables.dim)
     content = RecordDict({P.REPORT: report(outcomes, total.clipped), P.DEVICE: devices_record(devices, outcomes)})
     if total.count:
         content[P.DELTA] = ArrayRecord({k: Array(v) for k, v in P.delta_to_arrays(total.embedding,

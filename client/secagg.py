@@ -208,7 +208,11 @@ def handle_masked(message: Message, context: Context, config: RunConfig) -> Mess
 
             outcomes = train_devices(devices, plan, tables, secure=grid, t_min=t_min, colluders=colluders,
                                      nonce=nonce)
-        except NonFiniteUpdate:  # charged already; the noise share alone goes into the sum
+        except (NonFiniteUpdate, MemoryError, RuntimeError) as err:
+            # Charged already (write-ahead): the noise share alone goes into the sum, which reveals nothing of the
+            # data; the failure itself is never an error reply whose presence the data could have shaped.
+            log.warning("round %d: training failed after the round was charged (%s); sending the noise share only",
+                        plan.server_round, type(err).__name__)
             grid = GridSum.zeros(mechanism)
             grid.add(None)
             outcomes = [device.outcome(plan, (t_min, colluders))]

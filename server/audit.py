@@ -556,7 +556,9 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
             charge(device, sent, view, received=False)
         if view.secure and not view.seen and (trained or unseen):
             flags.append(_unverified(kind, rnd, view, "no device reported the t and c it accounted with"))
-        unit = "user" if sent["plan"].get("privacy") == "user" and "user" in units else "record"
+        # the unit the device reported this release at: a 'user' plan's, or an evaluation release's own unit
+        user_plan = sent["plan"].get("privacy") == "user" or sent["plan"].get("unit") == "user"
+        unit = "user" if user_plan and "user" in units else "record"
         for device, eps in reported.items():
             device_audit(device).reported = math.inf if eps is None else float(eps)
         for name, key in REPORTED_KEYS.items():

@@ -418,7 +418,7 @@ def secure_aggregation_kind(config: RunConfig, *, simulated: bool) -> str:
 def evaluation_plan(config: RunConfig, server_round: int) -> EvaluationPlan:
     return EvaluationPlan(server_round=server_round, dp=config.dp,
                           noise_multiplier=config.eval_noise_multiplier if config.dp else 0.0, delta=config.delta,
-                          refit_l2=config.refit_l2)
+                          refit_l2=config.refit_l2, unit="user" if config.privacy == "user" else "record")
 
 
 def average_metrics(replies: TrainReplies, plan: EvaluationPlan) -> dict[str, Any]:

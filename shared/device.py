@@ -128,7 +128,7 @@ class Device:
 
     def _outcome(self, state: DeviceState, plan: Plan, *, declined: bool, refused: str = "",
                  secure_sum: tuple[int, int] | None = None) -> TrainOutcome:
-        headline, honest, own = self.figures(state, plan.delta, user_level=getattr(plan, "privacy", "") == "user")
+        headline, honest, own = self.figures(state, plan.delta, user_level=user_level(plan))
         return TrainOutcome(declined=declined, epsilon=headline, epsilon_subverted=own, epsilon_honest=honest,
                             refused=refused, secure_sum=secure_sum)
 
@@ -161,12 +161,12 @@ class Device:
         """Would the release take the device past its budget (on the headline figure: a malicious server with c
         colluders) or its cap on the own-share figure?"""
         cost = release_cost(plan, t_min, colluders)
-        user_level = getattr(plan, "privacy", "") == "user"
-        if user_level and state.not_user_level:
+        at_user_level = user_level(plan)
+        if at_user_level and state.not_user_level:
             return True  # a user-level figure it can no longer make finite: never spend towards it
-        honest, subverted = ((state.user_history, cost.user), (state.user_subverted_history, cost.user_subverted)) \
-            if user_level else ((state.history, cost.record), (state.subverted_history, cost.record_subverted))
-        if epsilon_after(honest[0], honest[1] or [], delta=plan.delta) > self.policy.epsilon_budget:
+        headline, subverted = ((state.user_history, cost.user), (state.user_subverted_history, cost.user_subverted)) \
+            if at_user_level else ((state.history, cost.record), (state.subverted_history, cost.record_subverted))
+        if epsilon_after(headline[0], headline[1] or [], delta=plan.delta) > self.policy.epsilon_budget:
             return True
         cap = self.policy.max_subverted_epsilon
         return cap > 0 and epsilon_after(subverted[0], subverted[1] or [], delta=plan.delta) > cap
@@ -265,6 +265,12 @@ class Device:
             rounds=(*state.rounds, plan.server_round), non_private=state.non_private or not cost.private)
         self.store.save(new_state)
         return new_state
+
+
+def user_level(plan: Plan) -> bool:
+    """Whether a release is reported and budgeted at the user level: a 'user' plan, or an evaluation release in a
+    user-level run (its metrics are bounded per device, so it is a user-level release too)."""
+    return getattr(plan, "privacy", "") == "user" or getattr(plan, "unit", "") == "user"
 
 
 def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: ItemTables, *,

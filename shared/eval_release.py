@@ -33,8 +33,13 @@ class EvaluationPlan:
     noise_multiplier: float
     delta: float
     refit_l2: float
+    # The unit the device reports and holds its budget at for this release: "user" in a user-level run (the
+    # release is user-level too, see bounded_per_device), else "record". Its cost is the same either way.
+    unit: str = "record"
 
     def __post_init__(self) -> None:
+        if self.unit not in ("record", "user"):
+            raise PlanError(f"evaluation plan: unit={self.unit!r} is not 'record' or 'user'")
         if (self.dp and not self.noise_multiplier > 0) or not 0 <= self.noise_multiplier <= MAX_NOISE_MULTIPLIER:
             raise PlanError(f"evaluation plan: noise_multiplier={self.noise_multiplier!r} out of range")
         if not 0 < self.delta < 1 or not REFIT_L2_RANGE[0] <= self.refit_l2 <= REFIT_L2_RANGE[1] or \

@@ -80,9 +80,9 @@ class PrivacyPolicy:
                                               "also controls enrolment (only its own noise share protects it): it "
                                               "declines a round past it (0 = no cap; the figure is always "
                                               "reported, with a warning past 10x the budget)")
-    max_memory_mb: float = _rule(2048.0, "the most memory (MiB) a plan may need for the per-example work of one "
-                                         "training round, computed from public plan quantities only before any "
-                                         "data is read; a plan needing more is refused")
+    max_memory_mb: float = _rule(2048.0, "the most memory (MiB) a plan may need at its peak (table copies and "
+                                         "per-example work) in one training round, computed from public plan "
+                                         "quantities only before any data is read; a plan needing more is refused")
 
     def __post_init__(self) -> None:
         checks = {"epsilon_budget": self.epsilon_budget > 0, "max_delta": 0 < self.max_delta < 1,

@@ -211,3 +211,23 @@ def test_a_device_that_wants_exact_clipping_never_uses_ghost_clipping(tmp_path, 
                                                                         tables())
     assert not outcome.declined
     assert modes == (["hooks", "hooks"] if exact else ["hooks", "ghost"])
+
+
+def test_an_evaluation_in_a_user_level_run_is_reported_and_budgeted_at_the_user_level(tmp_path):
+    """In 'user' mode the record-level figure may pass the budget (twice the sensitivity); an evaluation release
+    there (user-level too: its metrics are bounded per device) is held to and reported at the user level, so the
+    device neither declines it nor reports a record-level figure the server would reject as over the budget."""
+    from fedrec.shared.eval_release import EvaluationPlan
+    from fedrec.shared.popularity import PopularityPlan
+
+    d = device(tmp_path / "s.json", budget=3.0)
+    report = PopularityPlan(server_round=0, dp=True, noise_multiplier=2.0, delta=1e-5, privacy="user")
+    assert d.reserve(report, 10, 1)[0] is None
+    record, user = d.figures(d.load_state(), 1e-5, user_level=False)[0], d.figures(d.load_state(), 1e-5,
+                                                                                    user_level=True)[0]
+    assert user < 3.0 < record
+    evaluation = dict(server_round=1, dp=True, noise_multiplier=20.0, delta=1e-5, refit_l2=1.0)
+    declined = d.screen(EvaluationPlan(**evaluation))  # read at the record level: past the budget already
+    assert declined is not None and declined.declined and declined.epsilon > 3.0
+    outcome, metrics = d.evaluate(EvaluationPlan(**evaluation, unit="user"), tables())
+    assert not outcome.declined and metrics is not None and user < outcome.epsilon <= 3.0
