@@ -338,21 +338,22 @@ def shrink_embeddings(tables: ItemTables, noise_variance: float) -> ItemTables:
 
 
 def popularity_groups(asked: dict[int, list[str]], size: int) -> list[dict[int, list[str]]]:
-    """The nodes of a secure popularity round cut into sums of at least `size` devices (nodes whole, in order of
-    their first device); a remainder under size / 2 joins the last sum, a larger one is a sum of its own."""
-    groups: list[dict[int, list[str]]] = []
-    current: dict[int, list[str]] = {}
-    count = 0
-    for node in sorted(asked, key=lambda n: asked[n][0]):
-        current[node] = asked[node]
-        count += len(asked[node])
-        if count >= max(1, size):
-            groups.append(current)
-            current, count = {}, 0
-    if current and groups and count < max(1, size) / 2:
-        groups[-1].update(current)  # a small remainder joins the last sum rather than forming a weak one
-    elif current:
-        groups.append(current)
+    """The devices of a secure popularity round cut into sums of `size` devices (in the order of the nodes' first
+    device, then each node's own order); a remainder under size / 2 joins the last sum, a larger one is a sum of its
+    own. A node hosting many devices (cohort engine) may be asked for its devices in several sums: a sum's t stays
+    that of a training round (within what devices accept, `max-aggregation-threshold`), however devices are spread
+    over nodes."""
+    size = max(1, size)
+    ordered = [(node, device) for node in sorted(asked, key=lambda n: asked[n][0]) for device in asked[node]]
+    cuts = [ordered[start:start + size] for start in range(0, len(ordered), size)]
+    if len(cuts) > 1 and len(cuts[-1]) < size / 2:
+        cuts[-2].extend(cuts.pop())  # a small remainder joins the last sum rather than forming a weak one
+    groups = []
+    for cut in cuts:
+        group: dict[int, list[str]] = {}
+        for node, device in cut:
+            group.setdefault(node, []).append(device)
+        groups.append(group)
     return groups
 
 

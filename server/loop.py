@@ -219,6 +219,10 @@ class Federation:
                 total += decoded
                 reports += shares
                 variance += mechanism.sum_noise_std(shares) ** 2
+            else:
+                log.warning("popularity sum of %d devices (t = %d, c = %d) not decrypted: %d shares; refusals: %s",
+                            sum(len(v) for v in group.values()), t_min, colluders, shares,
+                            _rule_counts(replies.refused) or "none")
         if reports:
             self.model.set_popularity_from_sum(total, reports=reports, noise_std=float(np.sqrt(variance)))
         self._checkpoint(POPULARITY_ROUND)

@@ -296,7 +296,11 @@ def test_popularity_sums_hold_at_least_half_a_round_of_devices():
 
     assert sizes({k: [f"d{k}"] for k in range(230)}) == [100, 130]  # a remainder of 30 joins the last sum
     assert sizes({k: [f"d{k}"] for k in range(260)}) == [100, 100, 60]
-    assert sizes({0: [f"a{k}" for k in range(305)], 1: [f"b{k}" for k in range(305)]}) == [305, 305]  # nodes whole
+    # nodes of many devices (cohort engine) are split across sums: t stays that of a round of 100, within what a
+    # device's policy accepts (two sums of 305 asked t = 244, past max-aggregation-threshold: every device refused)
+    assert sizes({0: [f"a{k}" for k in range(305)], 1: [f"b{k}" for k in range(305)]}) == [100] * 5 + [110]
+    groups = popularity_groups({0: [f"a{k}" for k in range(150)], 1: [f"b{k}" for k in range(60)]}, 100)
+    assert [sorted(g) for g in groups] == [[0], [0, 1]] and groups[1][0] == [f"a{k}" for k in range(100, 150)]
 
 
 @pytest.mark.parametrize("privacy, dp", [("local", True), ("local", False), ("distributed", False)])
