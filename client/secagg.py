@@ -17,7 +17,6 @@ Context state between stages (each stage may run in a fresh process).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from typing import Any
@@ -60,8 +59,7 @@ def _plan(content: RecordDict) -> LocalTrainingPlan | PopularityPlan:
 
 def plan_digest(content: RecordDict) -> bytes:
     """SHA-256 of the plan record as received: every member signs it into its advertisement."""
-    record = dict(content[P.PLAN] if P.PLAN in content else content[P.PRIOR])
-    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).digest()
+    return P.plan_digest(content[P.PLAN] if P.PLAN in content else content[P.PRIOR])
 
 
 def _mechanism(plan: LocalTrainingPlan | PopularityPlan, num_items: int, dim: int, t_min: int,

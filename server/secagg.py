@@ -11,7 +11,6 @@ themselves (signed advertisements, the consistency round) rather than trusting t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -47,7 +46,7 @@ def run_secure_sum(grid: Grid, config: RunConfig, server_round: int, kind: str, 
     device_of = {node: devices[0] for node, devices in asked.items()}
     node_of = {device: node for node, device in device_of.items()}
     plan_record = content[P.PLAN] if P.PLAN in content else content[P.PRIOR]
-    digest = hashlib.sha256(json.dumps(dict(plan_record), sort_keys=True, default=str).encode()).digest()
+    digest = P.plan_digest(plan_record)
     params = SessionParams(session_id=os.urandom(16), threshold=mechanism.t_min, vector_length=mechanism.dimension,
                            colluders=mechanism.colluders, server_round=server_round, plan_digest=digest)
     session = ServerSession(params)

@@ -188,6 +188,19 @@ def verify_certificate(certificate: bytes, authority: Ed25519PublicKey, device_i
     return _raw_public(key)
 
 
+def certificate_key(certificate: bytes, device_id: str, *, what: str = "certificate") -> bytes:
+    """Without a pinned authority (the server's defence in depth; every device pins one): the certificate parses,
+    names `device_id` and certifies an Ed25519 key, which is returned raw."""
+    try:
+        cert = x509.load_der_x509_certificate(bytes(certificate))
+    except (TypeError, ValueError):
+        raise IdentityError(f"{what}: not a DER certificate") from None
+    key = cert.public_key()
+    if _subject(cert, what) != device_id or not isinstance(key, Ed25519PublicKey):
+        raise IdentityError(f"{what}: does not name {device_id!r} with an Ed25519 key")
+    return _raw_public(key)
+
+
 def verify_signature(public_key: bytes, signature: bytes, message: bytes) -> bool:
     try:
         Ed25519PublicKey.from_public_bytes(public_key).verify(signature, message)

@@ -156,8 +156,9 @@ class PrivacyPolicy:
             return "max-memory-mb"
         if not plan.dp:
             return "" if self.allow_no_dp else "allow-no-dp"
-        if getattr(plan, "privacy", "local") not in self.modes:
-            return "allowed-modes"
+        if getattr(plan, "privacy", "local") not in self.modes or \
+                (getattr(plan, "unit", "record") == "user" and "user" not in self.modes):
+            return "allowed-modes"  # (an evaluation budgeted at the user level belongs to a user-level run)
         if getattr(plan, "privacy", "local") != "local":
             rule = self.secure_refusal(t_min, colluders)
             if rule:

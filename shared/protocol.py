@@ -146,6 +146,15 @@ def delta_clip(cohort: Mapping[str, object]) -> float:
     return float(value)
 
 
+def plan_digest(plan_record: Mapping[str, object]) -> bytes:
+    """SHA-256 of a plan (or prior) record as sent: every member of a secure sum signs it into its advertisement,
+    so server and devices must compute it alike."""
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(dict(plan_record), sort_keys=True, default=str).encode()).digest()
+
+
 def threshold(cohort: Mapping[str, object]) -> tuple[int, int]:
     """(t, c) of a modelled secure sum (cohort engine): its threshold and the colluders it assumes; a missing or
     out-of-range value is refused."""

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from .identity import DeviceIdentity, IdentityError, verify_certificate, verify_signature
+from .identity import DeviceIdentity, IdentityError, certificate_key, verify_certificate, verify_signature
 
 try:  # the field Shamir works in, to reuse Lagrange weights (see _combine)
     from Crypto.Protocol.SecretSharing import _Element as _GF
@@ -334,28 +334,9 @@ def _certified_key(certificate: bytes, pid: str, authority: Any | None) -> bytes
     try:
         if authority is not None:
             return verify_certificate(certificate, authority, pid, what=f"the certificate of {pid!r}")
-        return _certificate_key_unverified(certificate, pid)
+        return certificate_key(certificate, pid, what=f"the certificate of {pid!r}")
     except IdentityError as err:
         raise SecAggError(str(err)) from None
-
-
-def _certificate_key_unverified(certificate: bytes, pid: str) -> bytes:
-    """The server's defence in depth: the certificate parses, names `pid` and holds an Ed25519 key (it does not
-    pin the authority; every device does)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-    from cryptography.x509.oid import NameOID
-
-    try:
-        cert = x509.load_der_x509_certificate(certificate)
-        names = cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-        key = cert.public_key()
-    except (TypeError, ValueError):
-        raise SecAggError(f"the certificate of {pid!r} does not parse") from None
-    if len(names) != 1 or names[0].value != pid or not isinstance(key, Ed25519PublicKey):
-        raise SecAggError(f"the certificate of {pid!r} does not name it with an Ed25519 key")
-    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
 # ------------------------------------------------------------------------------------------------ client

@@ -203,3 +203,11 @@ def test_an_evaluation_release_stays_finite_whatever_the_metrics(tmp_path):
     assert all(np.isfinite(v) for v in released.values())
     with pytest.raises(Exception, match="refit-l2"):
         EvaluationPlan(server_round=1, dp=True, noise_multiplier=1.0, delta=1e-5, refit_l2=1e-300)
+
+
+def test_an_evaluation_budgeted_at_the_user_level_is_refused_where_user_level_is_not_accepted():
+    """The server marks an evaluation of a user-level run unit='user' (budgeted there); a device that leaves 'user'
+    out of allowed-modes wants its budget read at the record level, so it refuses such a plan by rule."""
+    plan = EvaluationPlan(server_round=1, dp=True, noise_multiplier=5.0, delta=1e-5, refit_l2=1.0, unit="user")
+    assert PrivacyPolicy(allowed_modes="local,distributed").refusal(plan) == "allowed-modes"
+    assert PrivacyPolicy().refusal(plan) == ""
