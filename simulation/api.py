@@ -38,9 +38,11 @@ class Result:
 
     def table(self) -> str:
         """The table `fedrec simulate` prints: the model against the baselines, and the privacy spent."""
+        from .learning_curve import last_central_evaluation
         from .runner import format_table
 
-        return format_table(self.summary, available=self.data_set_devices)
+        return format_table(self.summary, available=self.data_set_devices,
+                            central=last_central_evaluation(self.metrics))
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,7 +84,9 @@ def simulate(config: RunConfig | Mapping[str, Any] | None = None, *, no_dp: bool
 
     `config` and `settings` as for run_config, e.g. ``simulate(rounds=20, devices=200)`` or
     ``simulate(dataset="movielens", data_path="ml-100k")`` (a real data set uses all its devices unless
-    `devices` says how many). `verbose` also shows Flower's and Ray's logs. An empty out-dir is runs/<timestamp>.
+    `devices` says how many). `verbose` also shows Flower's and Ray's logs. An empty out-dir is runs/<timestamp>;
+    the run's log is also kept there (fedrec.log). Ctrl-C (in the main thread) stops the run before its next round
+    and raises runner.RunInterrupted, a KeyboardInterrupt that says how to resume; a second Ctrl-C stops at once.
     """
     from .runner import simulate as run_simulation
 

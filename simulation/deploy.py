@@ -45,7 +45,8 @@ SUPEREXEC_POLL_INTERVAL_S = 0.25
 REGISTER_AT_ONCE = 4  # `flwr supernode register` processes at a time (each ~1 s of CPU and ~100 MB)
 
 
-def _toml_value(value: Any) -> str:
+def toml_value(value: Any) -> str:
+    """A run-config or node-config value as TOML writes it: strings quoted, booleans lowercase."""
     return json.dumps(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
 
 
@@ -198,7 +199,7 @@ class LocalDeployment:
 
     def start_supernode(self, name: str, private_key: Path, node_config: dict[str, Any]) -> subprocess.Popen:
         assert self.tls is not None
-        config = " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
+        config = " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())
         return self._start(name, [self.tool["flower-supernode"], "--root-certificates", str(self.tls.ca_cert),
                                   "--superlink", f"127.0.0.1:{self.port}", "--auth-supernode-private-key",
                                   str(private_key), "--port", str(free_port()), "--node-config", config])
@@ -252,7 +253,7 @@ class LocalDeployment:
         self.wait_online(sum(name.startswith("supernode-") and process.poll() is None
                              for name, process in self.processes.items()))
         app = write_flower_app(self.out / "app")
-        pairs = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
+        pairs = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         with open(self.logs / "flwr-run.log", "ab") as log_file:
             return subprocess.run([self.tool["flwr"], "run", str(app), CONNECTION, "--stream", "--run-config", pairs],
                                   env=self.env, cwd=self.out, stdout=log_file, stderr=subprocess.STDOUT,
@@ -271,7 +272,7 @@ def write_flower_app(folder: Path) -> Path:
     lines = ["[project]", 'name = "fedrec"', f'version = "{_version()}"', "dependencies = []", "",
              "[tool.flwr.app]", 'publisher = "fedrec"', "", "[tool.flwr.app.components]",
              'serverapp = "fedrec.server.app:app"', 'clientapp = "fedrec.client.app:app"', "",
-             "[tool.flwr.app.config]", *(f"{k} = {_toml_value(v)}" for k, v in RunConfig().to_mapping().items())]
+             "[tool.flwr.app.config]", *(f"{k} = {toml_value(v)}" for k, v in RunConfig().to_mapping().items())]
     (folder / "pyproject.toml").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 
@@ -358,7 +359,7 @@ def server_run_config(config: RunConfig, server_folder: Path, run_dir: Path) -> 
 
 def write_policy_file(path: Path, policy: PrivacyPolicy) -> Path:
     """A device's privacy policy as a TOML file of policy keys (what its node config's policy-path names)."""
-    lines = [f"{key} = {_toml_value(value)}" for key, value in policy.to_mapping().items()]
+    lines = [f"{key} = {toml_value(value)}" for key, value in policy.to_mapping().items()]
     path.write_text("# this device's own privacy policy (fedrec deploy-local)\n" + "\n".join(lines) + "\n",
                     encoding="utf-8")
     return path
@@ -419,6 +420,29 @@ def deploy_local(config: RunConfig, out: Path, *, timeout: float = 1800.0) -> di
     if not summary_path.exists():
         raise RuntimeError(f"the run ended without {summary_path}; see {out / 'logs'}")
     return json.loads(summary_path.read_text())
+
+
+def format_deployment(summary: dict[str, Any]) -> str:
+    """What a deployment can say of its run: who took part, the devices' own federated metrics where asked for,
+    and the privacy spent; never a central quality figure (its server holds no one's data to evaluate on)."""
+    from fedrec.shared.evaluation import DEVICE_METRIC_KEYS
+
+    from .runner import privacy_lines
+
+    lines = [f"deployment: {summary['devices']} devices said hello, {summary['items']} items, "
+             f"{summary['rounds']} rounds"]
+    federated = summary.get("federated_eval") or {}
+    if federated:
+        figures = ", ".join(f"{k} {federated[k]:.4f}" for k in DEVICE_METRIC_KEYS if federated.get(k) is not None)
+        lines.append(f"federated evaluation on {federated.get('devices', '?')} devices (each on its own held-out "
+                     f"items, noised on the device and charged to its budget): {figures}")
+    lines.append("no central quality metrics: a deployment's server holds no one's data to evaluate on (central "
+                 "evaluation and the baselines are a simulation feature: fedrec simulate)"
+                 + ("" if federated else "; for federated ones add --run-config federated-eval=true (each device "
+                    "evaluates on its own held-out items, noised on the device and charged to its budget)"))
+    lines += privacy_lines(summary)
+    lines.append(f"run directory: {summary['run_dir']}  ({summary['seconds']['total']:.0f}s)")
+    return "\n".join(lines)
 
 
 def _raise_interrupt(signum: int, frame: Any) -> None:

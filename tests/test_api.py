@@ -57,5 +57,5 @@ def test_real_data_uses_all_its_devices_and_the_header_says_so(tmp_path, capsys)
                  "--devices-per-round", "5", "--out", str(tmp_path / "run"), "--run-config",
                  "embedding-dim=4 num-negatives=4 eval-devices=5 baselines=false"])
     assert code == 0
-    assert "prepared: 30 of 30 devices," in capsys.readouterr().out
+    assert "counts: 30 of 30 devices," in capsys.readouterr().out  # the original source, not its prepared copy
     assert load(tmp_path / "run").data_set_devices == 30

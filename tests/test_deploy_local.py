@@ -18,11 +18,16 @@ pytestmark = pytest.mark.e2e
 TINY = dict(synthetic_items=60, synthetic_topics=4, synthetic_mean_events=12, embedding_dim=4, num_negatives=4,
             eval_every=2)
 IDS = ["device-0", "device-1", "device-2"]  # deploy-local's device ids: 'device-<file stem>'
+TINY_PAIRS = " ".join(f"{key.replace('_', '-')}={value}" for key, value in TINY.items())
 
 
 def test_deploy_local_runs_a_federation_of_supernodes_and_stops_them(tmp_path, capsys):
     out = tmp_path / "deploy"
-    summary = deploy_local(RunConfig(devices=3, rounds=2, devices_per_round=3, **TINY), out)
+    assert main(["deploy-local", "--devices", "3", "--rounds", "2", "--out", str(out), "--run-config", TINY_PAIRS]) == 0
+    printed = capsys.readouterr().out  # what a deployment can say: no central table of dashes
+    assert printed.startswith("deployment: 3 devices said hello, 60 items, 2 rounds")
+    assert "no central quality metrics" in printed and "federated-eval=true" in printed and "---" not in printed
+    summary = json.loads((out / "run" / "summary.json").read_text())
     assert summary["devices"] == 3 and summary["rounds"] == 2 and summary["dp"] is True
     ledger = [json.loads(line) for line in (out / "run" / "ledger.jsonl").read_text().splitlines()]
     assert [(entry["round"], entry["status"]) for entry in ledger] == [(r, s) for r in (0, 1, 2) for s in ("sent", "done")]
@@ -79,7 +84,7 @@ def test_deploy_local_runs_real_secure_aggregation_in_the_distributed_mode(tmp_p
                                   "t_min": 3} for e in done)
     assert audit_run(out / "run")["verdict"] == "pass"
     # the device's own view: its figures from its own state, a secure sum per round it joined, no refusal
-    from fedrec.client.recommend import device_status
+    from fedrec.client.status import device_status
 
     status = device_status(state_path=out / "devices" / "0")
     assert status["device_id"] == "device-0" and len(status["secure_sums"]) == 2 and status["refused"] == {}
@@ -225,3 +230,59 @@ def test_a_secure_round_missing_a_supernode_aborts_before_training_and_charges_n
     audit = audit_run(out / "run")
     assert audit["verdict"] == "pass", [f for f in audit["flags"] if f["severity"] == "error"]
     assert processes_mentioning(str(out)) == []
+
+
+def test_the_printed_commands_of_each_machine_run_a_deployment_on_loopback(tmp_path, capsys):
+    """`deploy-local --print-commands` prints what the authority, the operator and each device run; executed line by
+    line as printed (a line ending in '&' keeps running), they enrol, prepare each device's own log on the device,
+    start the SuperLink and SuperNodes and finish the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "machines"
+    assert main(["deploy-local", "--devices", "2", "--rounds", "1", "--out", str(out), "--print-commands",
+                 "--run-config", TINY_PAIRS]) == 0
+    script = capsys.readouterr().out
+    commands = [line for line in script.splitlines() if line.strip() and not line.startswith("#")]
+    assert not list(out.glob("*/events.csv"))  # printed, not run: each device prepares its own file when it runs them
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    running, printed = [], []
+    try:
+        for command in commands:
+            if command.endswith("&"):
+                with open(tmp_path / f"daemon-{len(running)}.log", "wb") as log_file:
+                    running.append(subprocess.Popen(["bash", "-c", command[:-1]], env=env, cwd=tmp_path,
+                                                    stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True))
+                continue
+            done = subprocess.run(["bash", "-c", command], env=env, cwd=tmp_path, capture_output=True, text=True,
+                                  timeout=600)
+            assert done.returncode == 0, f"{command}\n{done.stdout[-3000:]}{done.stderr[-3000:]}"
+            printed.append(done.stdout)
+    finally:
+        for process in running:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+                process.wait(timeout=20)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+    summary = json.loads((out / "operator" / "run" / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["devices"] == 2
+    ledger = [json.loads(line) for line in (out / "operator" / "run" / "ledger.jsonl").read_text().splitlines()]
+    assert all(sorted(e["trained"]) == ["device-0", "device-1"] for e in ledger if e["status"] == "done")
+    assert printed[-2].startswith("device device-0 (deployed") and "rounds joined: 2 (0-1)" in printed[-2]
+    assert printed[-1].count("[item ") == 5
+    # every machine holds its own files only: the operator no device's log or events, a device no other's
+    assert not [p for p in (out / "operator").rglob("*") if p.name in ("raw.csv", "events.csv", "state.json")]
+    for device in ("device-0", "device-1"):
+        assert {p.name for p in (out / device).iterdir()} >= {"raw.csv", "events.csv", "catalogue.csv", "state"}
+        assert (out / device / "identity" / "device.key").stat().st_mode & 0o077 == 0
+    assert not (out / "authority" / "issued" / "device-0" / "device.key").exists()  # the key never left the device
+    time.sleep(1)
+    assert processes_mentioning(str(out)) == []
+

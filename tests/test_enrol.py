@@ -324,6 +324,14 @@ def test_device_status_and_recommend_say_what_is_wrong_with_the_folder(tmp_path,
     code, _, err = run(capsys, "recommend", "--state-path", str(states), "--catalogue", "c.csv")
     assert code == 2 and "moved to `fedrec device recommend`" in err
     assert "a simulation's device-state folder" in err and "--device-id sim-4" in err
+    (tmp_path / "run" / "config.json").write_text("{}")
+    code, _, err = run(capsys, "device", "recommend", "--state-path", str(tmp_path / "run"), "--catalogue", "c.csv")
+    assert code == 2 and "a simulation's run directory" in err and "no item model yet" not in err
+    node = tmp_path / "fresh"  # a deployed device that said hello but has not trained yet
+    node.mkdir()
+    (node / "node.json").write_text(json.dumps({"device-id": "u-7"}))
+    code, _, err = run(capsys, "device", "recommend", "--state-path", str(node), "--catalogue", "c.csv")
+    assert code == 2 and "no item model yet (the device receives one in its first round)" in err
     code, _, err = run(capsys, "device", "status", "--state-dir", str(states), "--device-id", "sim-9")
     assert code == 2 and "no state for device 'sim-9'" in err and "sim-4" in err
     code, _, err = run(capsys, "device", "status", "--state-dir", str(states))  # no device id

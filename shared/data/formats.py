@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import io
 import logging
+import re
+import warnings
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -132,7 +134,7 @@ def read_log(path: Path, fmt: LogFormat, *, min_weight: float = 0.0, skip_bad_ro
     parts: dict[str, list[np.ndarray]] = {k: [] for k in ("users", "items", "times", "weights")}
     categories: dict[str, str] = {}
     stats = {"rows_read": 0, "rows_bad": 0, "rows_below_min_weight": 0, "events": {}}
-    for first_line, chunk in _chunks(path, fmt):
+    for first_line, chunk in _chunks(path, fmt, skip_bad_rows=skip_bad_rows, stats=stats):
         frame = _select(chunk, fmt, path)
         good = _validate(frame, fmt, path, first_line, skip_bad_rows, stats)
         frame = frame[good]
@@ -159,11 +161,15 @@ def read_log(path: Path, fmt: LogFormat, *, min_weight: float = 0.0, skip_bad_ro
         raise DataError(f"{path}: no usable events ({stats['rows_read']} rows read)")
     return RawLog(users=arrays["users"], items=arrays["items"], times=arrays["times"], weights=arrays["weights"],
                   user_ids=users.ids, item_ids=items.ids, source=str(path), item_categories=categories,
-                  stats={"format": fmt.name, **stats})
+                  stats={"format": fmt.name, "file_format": "parquet" if fmt.parquet else "text", **stats})
 
 
-def _chunks(path: Path, fmt: LogFormat) -> Iterator[tuple[int, pd.DataFrame]]:
-    """(1-based file line of the chunk's first row, chunk) with every field as text."""
+def _chunks(path: Path, fmt: LogFormat, *, skip_bad_rows: bool = False,
+            stats: dict[str, Any] | None = None) -> Iterator[tuple[int, pd.DataFrame]]:
+    """(1-based file line of the chunk's first row - for Parquet its row -, chunk) with every field as text.
+
+    With `skip_bad_rows`, text rows with more fields than the header are dropped and counted in stats['rows_bad'].
+    """
     if fmt.parquet:
         try:
             frame = pd.read_parquet(path)
@@ -177,16 +183,29 @@ def _chunks(path: Path, fmt: LogFormat) -> Iterator[tuple[int, pd.DataFrame]]:
     try:
         reader = pd.read_csv(path, sep=fmt.separator, header=0 if fmt.header else None, dtype=str,
                              keep_default_na=False, chunksize=CHUNK_ROWS, encoding=fmt.encoding,
-                             engine="python" if len(fmt.separator) > 1 else "c")
+                             engine="python" if len(fmt.separator) > 1 else "c",
+                             on_bad_lines="warn" if skip_bad_rows else "error")
         line = 2 if fmt.header else 1
-        for chunk in reader:
+        while True:
+            with warnings.catch_warnings(record=True) as caught:  # pandas reports each row it skips as a warning
+                warnings.simplefilter("always", pd.errors.ParserWarning)
+                chunk = next(reader, None)
+            skipped = sum(len(_SKIPPED.findall(str(w.message))) for w in caught)
+            if stats is not None and skipped:
+                stats["rows_bad"] += skipped
+                stats["rows_read"] += skipped
+            if chunk is None:
+                return
             yield line, chunk
-            line += len(chunk)
+            line += len(chunk) + skipped
     except pd.errors.ParserError as err:
         raise DataError(f"{path}: malformed CSV ({err}); check the separator '{fmt.separator}' and quoting") from None
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not {fmt.encoding} text ({err.reason} at byte {err.start}); pass the file's "
                         "encoding (e.g. --encoding latin-1)") from None
+
+
+_SKIPPED = re.compile(r"Skipping line \d+")
 
 
 def _check_text(path: Path, fmt: LogFormat) -> None:
@@ -216,6 +235,8 @@ def _select(chunk: pd.DataFrame, fmt: LogFormat, path: Path) -> pd.DataFrame:
             selected[role] = chunk.iloc[:, column]
         else:
             if column not in chunk.columns:
+                if fmt.parquet:
+                    raise DataError(f"{path}: no column '{column}' for {role}; its columns are {list(chunk.columns)}")
                 raise DataError(f"{path}: line 1: no column '{column}' for {role}; the header has "
                                 f"{list(chunk.columns)}")
             selected[role] = chunk[column]
@@ -261,7 +282,8 @@ def _validate(frame: pd.DataFrame, fmt: LogFormat, path: Path, first_line: int, 
         row, role, found, expected = min(problems)
         column = fmt.columns[role]
         where = f"column '{column}'" if isinstance(column, str) else f"column {column + 1}"
-        raise DataError(f"{path}: line {first_line + row}, {where} ({role}): found {found!r}, expected {expected}"
+        unit = "row" if fmt.parquet else "line"  # a Parquet file has rows, numbered from 1, not lines
+        raise DataError(f"{path}: {unit} {first_line + row}, {where} ({role}): found {found!r}, expected {expected}"
                         "; fix the file or pass --skip-bad-rows to drop such rows (they are counted)")
     stats["rows_bad"] += int((~good).sum())
     return good

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,7 +20,8 @@ import numpy as np
 
 from .catalogue import Catalogue, read_our_csv
 from .interactions import MIN_EVENTS, DataError, DeviceEvents, Interactions
-from .prepared import CATALOGUE, SERVER_FOLDER, refuse_inside_flower_app, write_prepared, write_server_folder
+from .prepared import (CATALOGUE, MANIFEST, SERVER_FOLDER, refuse_inside_flower_app, write_prepared,
+                       write_server_folder)
 
 if TYPE_CHECKING:  # the raw-log readers need pandas; a device reading its own events file does not
     from .formats import RawLog
@@ -34,11 +37,70 @@ class PrepareSettings:
     device_files: bool = True  # also write devices/<index>.csv
 
 
-def prepare_log(raw: RawLog, out: Path, *, dataset: str, settings: PrepareSettings = PrepareSettings()) -> dict:
-    """Turn `raw` into a prepared folder at `out`; returns the preprocessing stats (also in the manifest)."""
+def check_output_folder(out: Path, *, replace: bool = False) -> None:
+    """Refuse to prepare into a folder that holds anything, unless it holds an earlier preparation and `replace`
+    says to replace it whole: old and new device files must never mix (a deployment would pick up both)."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder; choose another --out")
+    entries = sorted(p.name for p in out.iterdir())
+    if not entries:
+        return
+    held = [name for name in ("config.json", "ledger.jsonl") if name in entries]
+    if held:
+        raise DataError(f"{out}: a run directory (it holds {held[0]}), never a place to prepare data: choose another "
+                        "--out")
+    if MANIFEST not in entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise DataError(f"{out}: not empty ({len(entries)} entries: {shown}) and not an earlier preparation; choose "
+                        "an empty or new --out")
+    if not replace:
+        raise DataError(f"{out}: holds an earlier preparation; pass --replace to replace it whole (its device files "
+                        "and arrays are removed, never mixed with the new ones), or choose another --out")
+
+
+def prepare_log(raw: RawLog, out: Path, *, dataset: str, settings: PrepareSettings = PrepareSettings(),
+                replace: bool = False) -> dict:
+    """Turn `raw` into a prepared folder at `out`; returns the preprocessing stats (also in the manifest).
+
+    The folder is written beside `out` and moved into place whole: `out` must be new or empty, or (with
+    `replace`) an earlier preparation, which is replaced only once the new one is complete.
+    """
     if settings.min_user_items < MIN_EVENTS:
         raise DataError(f"min-user-items must be at least {MIN_EVENTS} (train, validation and test item)")
     refuse_inside_flower_app(out, "prepared folder")
+    check_output_folder(out, replace=replace)
+    out = Path(out)
+    staging = out.parent / f".{out.name}.preparing-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        stats = _prepare_into(raw, staging, dataset=dataset, settings=settings)
+        _move_into_place(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("prepared %d devices, %d items, %d events into %s", stats["devices"], stats["items"], stats["events"],
+             out)
+    return stats
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """`staging` becomes `out`; an earlier `out` is set aside first and removed only after the swap."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    old = out.parent / f".{out.name}.replaced-{os.getpid()}"
+    if out.exists():
+        out.rename(old)  # an empty folder, or an earlier preparation (check_output_folder)
+    try:
+        staging.rename(out)
+    except OSError:
+        if old.exists():
+            old.rename(out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _prepare_into(raw: RawLog, out: Path, *, dataset: str, settings: PrepareSettings) -> dict:
     stats: dict[str, Any] = {**raw.stats, "events_read": len(raw)}
     users, items, times, weights = dedupe(raw.users, raw.items, raw.times, raw.weights)
     stats["duplicates_merged"] = len(raw) - len(users)
@@ -74,7 +136,6 @@ def prepare_log(raw: RawLog, out: Path, *, dataset: str, settings: PrepareSettin
     if settings.device_files:
         write_device_files(out / "devices", interactions)
     write_server_folder(out / SERVER_FOLDER, catalogue, dataset=dataset)
-    log.info("prepared %d devices, %d items, %d events into %s", len(user_ids), len(item_ids), len(interactions), out)
     return stats
 
 
