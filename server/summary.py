@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import time
 from typing import Any
 
 from fedrec.shared.config import RunConfig
@@ -14,7 +15,7 @@ from fedrec.shared.model import ItemTables
 from fedrec.shared.ranking import evaluate_with_refit
 
 from .core import ServerRandomness
-from .loop import secure_aggregation_kind
+from .loop import STOP_REQUESTED, Interrupted, secure_aggregation_kind
 from .records import LEDGER, RunRecords
 from .user_privacy import user_level_summary
 
@@ -147,15 +148,27 @@ def reference_metrics(config: RunConfig, population: Population, tables: ItemTab
     # the baselines train a central MF with torch: imported here, not by a deployed ServerApp
     from fedrec.shared.baselines import CentralMFSettings, central_mf_metrics, popularity_metrics, random_metrics
 
-    splits = population_splits(population)
     n = population.num_items
-    log.info("evaluating the federated model and baselines on all %d devices", len(splits))
-    blocks = {
-        "model": evaluate_with_refit(tables, splits, n, l2=config.refit_l2, sampled_seed=config.seed),
-        "random": random_metrics(splits, n, seed=config.seed),
-        "popularity": popularity_metrics(splits, n, seed=config.seed),
-        "central_mf": central_mf_metrics(splits, n, CentralMFSettings(dim=config.embedding_dim), seed=config.seed),
+    log.info("evaluating the federated model and 3 baselines centrally on all %d devices (%d items)",
+             population.num_devices, n)
+    splits = population_splits(population)
+    steps = {
+        "model": ("the federated model (each device's user row re-fitted)",
+                  lambda: evaluate_with_refit(tables, splits, n, l2=config.refit_l2, sampled_seed=config.seed)),
+        "random": ("random baseline", lambda: random_metrics(splits, n, seed=config.seed)),
+        "popularity": ("popularity baseline", lambda: popularity_metrics(splits, n, seed=config.seed)),
+        "central_mf": ("central MF baseline (non-private, trained on every device's data)",
+                       lambda: central_mf_metrics(splits, n, CentralMFSettings(dim=config.embedding_dim),
+                                                  seed=config.seed)),
     }
+    blocks = {}
+    for number, (name, (label, evaluate)) in enumerate(steps.items(), 1):
+        if STOP_REQUESTED.is_set():  # Ctrl-C of fedrec simulate: every round is checkpointed already
+            raise Interrupted("interrupted during the final evaluation", last_round=config.rounds)
+        started = time.monotonic()
+        log.info("evaluation %d/%d: %s ...", number, len(steps), label)
+        blocks[name] = evaluate()
+        log.info("evaluation %d/%d: done in %.1fs", number, len(steps), time.monotonic() - started)
     headline = {name: {k: block[k] for k in METRIC_KEYS} for name, block in blocks.items()}
     sampled = {name: {k: v for k, v in block.items() if k.startswith("sampled_")} for name, block in blocks.items()}
     return {"metrics": headline.pop("model"), "baselines": headline, "sampled_protocol": sampled}

@@ -13,6 +13,10 @@ highest scores and "absent" for the lowest, and abstains on the rest. Any epsilo
 Binomial(guesses, e^eps / (1 + e^eps)); the largest epsilon that the observed count rejects at 95%
 confidence is an empirical lower bound, to be compared with the accountant's epsilon. (The
 bound ignores delta, whose contribution here is at most about canaries x delta.)
+
+attack_report: the checks of a run's own privacy mode, in the form `fedrec audit --attacks` writes to
+RUN/audit-attacks.json (the secure modes' checks are in simulation/secure_attacks.py; the bounds, with delta, in
+simulation/audit_bounds.py).
 """
 
 from __future__ import annotations
@@ -24,11 +28,12 @@ from typing import Any
 import numpy as np
 from scipy.stats import binom
 
-from fedrec.shared.config import RunConfig
+from fedrec.shared.config import SECURE_MODES, RunConfig
 from fedrec.shared.data.catalogue import Catalogue
 from fedrec.shared.data.interactions import DeviceEvents, split_device
 from fedrec.shared.data.population import Population, open_population
 
+from . import audit_bounds as bounds
 from .plain import run_plain
 
 log = logging.getLogger("fedrec.simulation")
@@ -182,3 +187,108 @@ def default_attack_config() -> RunConfig:
     """A small synthetic federation for the checks (every device joins several rounds)."""
     return RunConfig().replace(devices=1000, synthetic_items=300, synthetic_topics=10, rounds=15,
                                devices_per_round=200, eval_every=1000)
+
+
+BOUND_MEANING = "the true epsilon is at least this; 0 means the attack found no evidence"
+ESTIMATE_MEANING = ("what this attacker achieves, from a Gaussian fit of its scores: an estimate of the true "
+                    "epsilon, not a bound (the truth may be lower or higher)")
+
+
+def attack_entry(name: str, threat: str, *, scores: np.ndarray, present: np.ndarray, delta: float,
+                 accountant: float | None) -> dict[str, Any]:
+    """One one-run attack in the audit-attacks.json form: guesses from `scores` of the canaries in `present`."""
+    per_side = int(GUESS_FRACTION * len(scores) / 2)
+    guesses, correct = bounds.guess_from_scores(scores, present, per_side=per_side)
+    m = len(scores)
+    return {"name": name, "threat": threat,
+            "success": {"hits": correct, "trials": guesses, "label": "guesses right of guesses made"},
+            "bound": bounds.one_run_lower_bound(canaries=m, guesses=guesses, correct=correct, delta=delta),
+            "bound_kind": "lower bound",
+            "max_bound": bounds.one_run_max_bound(canaries=m, guesses=guesses, delta=delta),
+            "meaning": BOUND_MEANING, "canaries": m, "epsilon_accountant": accountant}
+
+
+def attack_report(config: RunConfig, *, from_audited_run: bool) -> dict[str, Any]:
+    """The empirical checks of `config`'s privacy mode on its federation (a synthetic or the run's own data)."""
+    config = config.replace(out_dir="", state_dir="", resume=False)
+    base = open_population(config)
+    federation = {"mode": config.privacy, "epsilon": config.epsilon_budget if config.dp else None,
+                  "delta": config.delta, "devices": base.num_devices, "items": base.num_items,
+                  "rounds": config.rounds, "devices_per_round": config.devices_per_round,
+                  "dataset": config.dataset, "seed": config.seed, "from_audited_run": from_audited_run}
+    if config.dp and config.privacy in SECURE_MODES:
+        from .secure_attacks import secure_attack_entries
+
+        federation["canaries"] = base.num_devices
+        attacks = secure_attack_entries(config, base)
+    else:
+        attacks = local_attack_entries(config, base)
+        federation["canary_items"] = base.num_devices
+    return {"federation": federation, "attacks": attacks}
+
+
+def local_attack_entries(config: RunConfig, base: Population) -> list[dict[str, Any]]:
+    """Local mode (or no DP): the server sees every device's update; item inference and record canaries."""
+    present = np.random.default_rng([config.seed, 0xCA4A]).random(base.num_devices) < 0.5
+    population = CanaryPopulation(base, present)
+    log.info("attack federation (%s): %d devices, %d rounds", config.privacy, population.num_devices, config.rounds)
+    view, result = observe_server(population, config)
+    inference = item_inference(view, population)
+    held = recovered = 0
+    for device, movement in view.first_updates.items():
+        split = split_device(population.device_events(int(device.split("-")[1])))
+        truth = np.zeros(base.num_items, dtype=bool)
+        truth[split.train_items[split.train_items < base.num_items]] = True
+        held += int(truth.sum())
+        recovered += int(truth[np.argsort(-movement[: base.num_items])[: truth.sum()]].sum())
+    threat = "the server reads every device's update (local mode)"
+    trained = np.zeros(population.num_devices, dtype=bool)  # devices the server saw at least once
+    trained[[int(device.split("-")[1]) for device in view.first_updates]] = True
+    finite = [e for e in result.epsilon.values() if np.isfinite(e)]
+    return [
+        {"name": "item inference", "threat": threat,
+         "success": {"hits": recovered, "trials": held, "label": "items recovered of items held"},
+         "bound": None, "bound_kind": "none", "max_bound": None,
+         "meaning": (f"AUC {inference['auc']:.3f} (0.5 = chance; chance recovers about "
+                     f"{inference['chance_precision']:.1%} of items held); no epsilon figure from this attack"),
+         "auc": inference["auc"]},
+        attack_entry("record canaries", threat, scores=view.canary_score[trained], present=present[trained],
+                     delta=config.delta, accountant=max(finite) if finite and config.dp else None),
+    ]
+
+
+ATTACKS_FILE = "audit-attacks.json"
+
+
+def attack_federation(run_dir: str | None, overrides: dict[str, Any]) -> tuple[RunConfig, bool]:
+    """The attack federation's settings: the audited run's own (RUN/config.json), else the small synthetic default;
+    then `overrides` (run-config keys). The flag says whether they are the audited run's, unchanged."""
+    from pathlib import Path
+
+    if run_dir:
+        base = RunConfig.load_json(Path(run_dir) / "config.json")
+    else:
+        base = default_attack_config()
+    if overrides:
+        base = RunConfig.from_mapping({**base.to_mapping(), **overrides}, source="fedrec audit --attacks --run-config")
+    return base, bool(run_dir) and not overrides
+
+
+def format_attacks(report: dict[str, Any]) -> list[str]:
+    """Console lines: the federation the attacks ran on, then one line per attack."""
+    fed = report["federation"]
+    source = "the audited run's settings" if fed["from_audited_run"] else "a separate federation"
+    eps = "no DP" if fed["epsilon"] is None else f"epsilon budget {fed['epsilon']:g}"
+    lines = [f"empirical attacks on {source}: {fed['mode']} mode, {eps}, {fed['devices']} devices, {fed['items']} "
+             f"items, {fed['rounds']} rounds ({fed['dataset']})"]
+    for a in report["attacks"]:
+        s = a["success"]
+        line = f"  {a['name']}: {s['hits']} of {s['trials']} {s['label']}"
+        if a["bound"] is not None:
+            line += f"; empirical epsilon {a['bound_kind']} {a['bound']:.2f}"
+            if a["max_bound"] is not None:
+                line += f" (at most {a['max_bound']:.2f} with this many guesses)"
+            if a.get("epsilon_accountant") is not None:
+                line += f", accountant {a['epsilon_accountant']:.2f}"
+        lines.append(f"{line} - {a['meaning']}")
+    return lines

@@ -40,6 +40,13 @@ from .runner import data_set_devices, prepare_run_data  # noqa: E402
 
 log = logging.getLogger("fedrec.simulation")
 COLUMNS = ("hr@10", "ndcg@10", "recall@20", "coverage@10", "diversity@10")
+MODE_NOTES = {
+    "local": "every device adds the full noise; trusts no one",
+    "distributed": "record level, noise added once to a secure sum: holds against a malicious server that colludes "
+                   "with at most c devices but cannot enrol identities",
+    "user": "user level on the same secure sums; epsilon per device, not per interaction",
+}
+Z95 = 1.959964
 
 
 @dataclass
@@ -137,7 +144,7 @@ def write_report(rows: list[Row], out: Path, *, title: str, meta: dict[str, Any]
             writer.writerow([r.model, r.kind, r.mode, r.epsilon_target, r.epsilon_max, r.epsilon_median,
                              *[r.metrics.get(c) for c in columns], r.seconds])
     paths[2].write_text(dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2) + "\n", encoding="utf-8")
-    _plot(rows, paths[3], title)
+    _plot(rows, paths[3], title, meta)
     lines = [f"# Privacy-utility report: {title}", "",
              f"{_devices(meta)}, {meta['items']} items, {meta['rounds']} rounds of "
              f"{meta['devices_per_round']} devices; delta {meta['delta']:g}; full ranking, leave-last-out; "
@@ -149,12 +156,18 @@ def write_report(rows: list[Row], out: Path, *, title: str, meta: dict[str, Any]
                                                   f"{r.epsilon_max:.2f} / {r.epsilon_median:.2f}")
         values = " | ".join(f"{r.metrics[c]:.4f}" if c in r.metrics else "-" for c in columns)
         lines.append(f"| {r.model} | {eps} | {values} | {r.seconds:.0f} s |")
-    lines += ["", "Federated + DP modes: local (every device adds the full noise; trusts no one), distributed (record "
-              "level, noise added once to a secure sum: holds against a malicious server that colludes with at most c "
-              "devices but cannot enrol identities), user (user level on the same secure sums; epsilon per device, not per interaction).",
+    ran = list(dict.fromkeys(r.mode for r in rows if r.kind == "federated-dp"))
+    if ran:
+        lines += ["", "Federated + DP " + ("modes: " if len(ran) > 1 else "mode: ")
+                  + "; ".join(f"{mode} ({MODE_NOTES[mode]})" for mode in ran if mode in MODE_NOTES) + "."]
+    lines += ["", f"Plot: bands and bars are 95% intervals over the {meta['devices']} test users (Wilson for HR@10, "
+              "whose per-user value is 0 or 1 except at ties; for NDCG@10, a normal interval with the largest "
+              "variance a mean of values in [0, 1] can have), the sampling error of the test set alone, not of "
+              "training.",
               "", "Central DP-SGD rows: record-level DP over the pooled data (one interaction = one record, the "
               "devices' unit); a trusted curator would be needed to run them. Diversity: mean pairwise "
-              "category distance (1 - Jaccard) within each top-10 list.", "", "![HR and NDCG against epsilon](report.png)"]
+              "category distance (1 - Jaccard) within each top-10 list.", "",
+              "![HR and NDCG against epsilon](report.png)"]
     paths[0].write_text("\n".join(lines) + "\n", encoding="utf-8")
     return paths
 
@@ -164,26 +177,65 @@ def _devices(meta: dict[str, Any]) -> str:
     return f"{meta['devices']} devices" if available is None else f"{meta['devices']} of {available} devices"
 
 
-def _plot(rows: list[Row], path: Path, title: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    styles = {"popularity": ("#777777", ":"), "random": ("#bbbbbb", ":"), "central MF (no DP)": ("#228833", "--"),
-              "federated (no DP)": ("#4477aa", "--")}
+def interval(mean: float, n: int, metric: str) -> tuple[float, float]:
+    """95% interval of a mean over `n` test users: Wilson's for HR@10 (each user 0 or 1); for other metrics in
+    [0, 1] the normal interval with the largest variance such a mean allows, m (1 - m) / n (conservative)."""
+    if n <= 0:
+        return mean, mean
+    if metric == "hr@10":
+        centre = (mean + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+        half = Z95 / (1 + Z95**2 / n) * np.sqrt(mean * (1 - mean) / n + Z95**2 / (4 * n**2))
+        return max(0.0, centre - half), min(1.0, centre + half)
+    half = Z95 * np.sqrt(max(mean * (1 - mean), 0.0) / n)
+    return max(0.0, mean - half), min(1.0, mean + half)
+
+
+def _plot(rows: list[Row], path: Path, title: str, meta: dict[str, Any]) -> None:
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    users = int(meta["devices"])
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
+    baselines = {"popularity": ("#777777", ":"), "random": ("#bbbbbb", ":"), "central MF (no DP)": ("#228833", "--"),
+                 "federated (no DP)": ("#4477aa", "--")}
+    colors = {"local": "#4477aa", "distributed": "#ee6677", "user": "#aa3377"}
+    groups = [("federated-dp", mode, colors.get(mode, "#4477aa"), f"federated + DP ({mode})")
+              for mode in dict.fromkeys(r.mode for r in rows if r.kind == "federated-dp")]
+    groups.append(("central-dp", "", "#228833", "central DP-SGD"))
+    groups = [g for g in groups if any(r.kind == g[0] and r.mode == g[1] for r in rows)]
+    markers = ("o", "s", "^", "D")
+    epsilons = sorted({r.epsilon_target for r in rows if r.epsilon_target is not None})
     for ax, metric in zip(axes, ("hr@10", "ndcg@10")):
-        colors = {"local": "#4477aa", "distributed": "#ee6677", "user": "#aa3377"}
-        groups = [("federated-dp", mode, colors.get(mode, "#4477aa"), f"federated + DP ({mode})")
-                  for mode in dict.fromkeys(r.mode for r in rows if r.kind == "federated-dp")]
-        for kind, mode, color, label in [*groups, ("central-dp", "", "#228833", "central DP-SGD")]:
-            points = sorted((r.epsilon_target, r.metrics[metric]) for r in rows if r.kind == kind and r.mode == mode)
-            if points:
-                ax.plot(*zip(*points), marker="o", color=color, label=label)
+        for i, (kind, mode, color, label) in enumerate(groups):
+            points = sorted((r.epsilon_target, r.metrics[metric]) for r in rows
+                            if r.kind == kind and r.mode == mode and metric in r.metrics)
+            if not points:
+                continue
+            # Each group a little apart on the (log) epsilon axis, so equal values do not hide each other.
+            shift = 2 ** (0.08 * (i - (len(groups) - 1) / 2))
+            x = [e * shift for e, _ in points]
+            y = [v for _, v in points]
+            low, high = zip(*(interval(v, users, metric) for v in y))
+            ax.errorbar(x, y, yerr=[np.subtract(y, low), np.subtract(high, y)], marker=markers[i % len(markers)],
+                        color=color, label=label, capsize=3, linewidth=1.5, markersize=5)
         for r in rows:
-            if r.model in styles:
-                color, style = styles[r.model]
-                ax.axhline(r.metrics[metric], color=color, linestyle=style, label=r.model)
+            if r.model in baselines and metric in r.metrics:
+                color, style = baselines[r.model]
+                low, high = interval(r.metrics[metric], users, metric)
+                ax.axhline(r.metrics[metric], color=color, linestyle=style, label=r.model, linewidth=1.2)
+                ax.axhspan(low, high, color=color, alpha=0.12, linewidth=0)
         ax.set_xscale("log", base=2)
-        ax.set(xlabel="epsilon per device (record level; user level in 'user' mode)", ylabel=metric.upper(), title=f"{title}: {metric}")
+        if epsilons:
+            ax.xaxis.set_major_locator(FixedLocator(epsilons))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([f"{e:g}" for e in epsilons])
+            ax.set_xlim(min(epsilons) / 1.4, max(epsilons) * 1.4)
+        ax.set_ylim(bottom=0)
+        ax.set(xlabel="epsilon per device (record level; user level in 'user' mode)", ylabel=metric.upper(),
+               title=metric.upper())
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{title}: {_devices(meta)}, {meta['items']} items, {meta['rounds']} rounds of "
+                 f"{meta['devices_per_round']} devices (95% intervals over {users} test users)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -40,7 +40,7 @@ def test_dumps_writes_unknown_and_infinite_values_as_null():
     assert strict(dumps(value)) == {"a": None, "b": [None, None, 1.5], "c": [1.0, None], "d": [1, "x"]}
 
 
-@pytest.mark.parametrize("dp", [True, False], ids=["dp", "no-dp"])
+@pytest.mark.parametrize("dp", [pytest.param(True, marks=pytest.mark.e2e), False], ids=["dp", "no-dp"])
 def test_every_file_of_a_run_and_its_audit_is_strict_json(small_config, dp):
     from fedrec.simulation.runner import simulate
 
