@@ -37,7 +37,7 @@ from fedrec.shared.popularity import PopularityPlan
 from fedrec.shared.state import StateError
 
 from .nodes import open_node
-from .records import devices_record, report
+from .records import devices_record, received_head, report
 
 log = logging.getLogger("fedrec.client")
 
@@ -71,18 +71,20 @@ def handle_train(message: Message, context: Context, config: RunConfig) -> Messa
     devices = node.devices(message.content)
     plan = LocalTrainingPlan.from_config(dict(message.content[P.PLAN]))
     tables = P.tables_from_arrays(_arrays(message.content[P.TABLES]))
+    head = received_head(message.content, plan, tables.num_items)
     node.received(tables, plan.server_round)
     if plan.privacy in SECURE_MODES:
         _modelled_sums_only(node)
         return _modelled_sum(message, devices, plan, training_mechanism(
             plan, tables.num_items, tables.dim, *P.threshold(message.content[P.COHORT])),
             lambda grid: train_devices(devices, plan, tables, secure=grid, t_min=grid.mechanism.t_min,
-                                       colluders=grid.mechanism.colluders, nonce=P.nonce(message.content[P.COHORT])))
-    total = PartialSum.zeros(tables.num_items, tables.dim)
+                                       colluders=grid.mechanism.colluders, nonce=P.nonce(message.content[P.COHORT]),
+                                       head=head))
+    total = PartialSum.zeros(plan.trained_items(tables.num_items), tables.dim)
     clip = P.delta_clip(message.content[P.COHORT])
     try:
         outcomes = train_devices(devices, plan, tables, into=total, delta_clip=clip,
-                                 nonce=P.nonce(message.content[P.COHORT]))
+                                 nonce=P.nonce(message.content[P.COHORT]), head=head)
     except NonFiniteUpdate:
         raise  # its own error code: nothing was sent, the steps are charged
     except RESOURCE_FAILURES as err:
@@ -91,7 +93,7 @@ def handle_train(message: Message, context: Context, config: RunConfig) -> Messa
         log.warning("round %d: training failed after the round was charged (%s); answering as declined",
                     plan.server_round, type(err).__name__)
         outcomes = [d._outcome(d.load_state(), plan, declined=True) for d in devices]
-        total = PartialSum.zeros(tables.num_items, tables.dim)
+        total = PartialSum.zeros(plan.trained_items(tables.num_items), tables.dim)
     content = RecordDict({P.REPORT: report(outcomes, total.clipped), P.DEVICE: devices_record(devices, outcomes)})
     if total.count:
         content[P.DELTA] = ArrayRecord({k: Array(v) for k, v in P.delta_to_arrays(total.embedding,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from flwr.app import ConfigRecord, MetricRecord
+import numpy as np
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from fedrec.shared import protocol as P
 from fedrec.shared.device import Device, TrainOutcome
+from fedrec.shared.plans import LocalTrainingPlan
 
 
 def devices_record(devices: list[Device], outcomes: list[TrainOutcome] | None = None) -> ConfigRecord:
@@ -29,3 +31,9 @@ def report(outcomes: list[TrainOutcome], clipped: int | None = None) -> MetricRe
     if clipped is not None:
         out["clipped"] = clipped
     return MetricRecord(out)
+
+
+def received_head(content: RecordDict, plan: LocalTrainingPlan, num_items: int) -> np.ndarray | None:
+    """The trained head sent beside the tables, checked against the plan (None: the whole catalogue trains)."""
+    arrays = {key: array.numpy() for key, array in content[P.HEAD].items()} if P.HEAD in content else None
+    return P.head_from_arrays(arrays, size=plan.head_size, digest=plan.head_sha256, num_items=num_items)

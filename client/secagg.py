@@ -34,7 +34,7 @@ from fedrec.shared.secagg import ClientSession, SecAggError, SessionParams
 from fedrec.shared.secure_release import popularity_mechanism, training_mechanism, update_dimension
 
 from .nodes import Node, SessionStore, open_node
-from .records import devices_record, report
+from .records import devices_record, received_head, report
 
 log = logging.getLogger("fedrec.client")
 
@@ -139,6 +139,8 @@ def handle_keys(message: Message, context: Context, config: RunConfig) -> Messag
     except (KeyError, TypeError, ValueError) as err:
         raise P.ProtocolError(f"secure sum: unreadable session parameters ({type(err).__name__})") from None
     dim = config.embedding_dim
+    if isinstance(plan, LocalTrainingPlan) and plan.head_size > node.num_items:  # refused before it commits
+        raise P.ProtocolError(f"round plan: head-size {plan.head_size} exceeds the catalogue's {node.num_items} items")
     expected = update_dimension(plan, node.num_items, dim) if isinstance(plan, LocalTrainingPlan) else node.num_items
     if params.vector_length != expected:
         raise P.ProtocolError(f"secure sum: vector length {params.vector_length}, expected {expected}")
@@ -148,7 +150,7 @@ def handle_keys(message: Message, context: Context, config: RunConfig) -> Messag
     # A mechanism it cannot draw exactly is refused here (PlanError), before anything is committed.
     _mechanism(plan, node.num_items, dim, t, c)
     enrolment = node.enrolment(device.device_id)
-    shape = (node.num_items, dim) if isinstance(plan, LocalTrainingPlan) else (0, 0)  # the memory cap, up front
+    shape = (plan.trained_items(node.num_items), dim) if isinstance(plan, LocalTrainingPlan) else (0, 0)  # memory cap
     verdict = device.screen(plan, t, c, rule="" if enrolment is not None else "enrolment", shape=shape)
     store = node.session_store(context)
     with store.locked():
@@ -196,6 +198,7 @@ def handle_masked(message: Message, context: Context, config: RunConfig) -> Mess
 
         torch.set_num_threads(1)
         tables = P.tables_from_arrays({k: a.numpy() for k, a in message.content[P.TABLES].items()})
+        head = received_head(message.content, plan, tables.num_items)
         node.received(tables, plan.server_round)
         mechanism = _mechanism(plan, node.num_items, tables.dim, t_min, colluders)
         if mechanism.dimension != session.params.vector_length:
@@ -205,7 +208,7 @@ def handle_masked(message: Message, context: Context, config: RunConfig) -> Mess
             from fedrec.shared.device import train_devices
 
             outcomes = train_devices(devices, plan, tables, secure=grid, t_min=t_min, colluders=colluders,
-                                     nonce=nonce)
+                                     nonce=nonce, head=head)
         except (NonFiniteUpdate, MemoryError, RuntimeError) as err:
             # Charged already (write-ahead): the noise share alone goes into the sum, which reveals nothing of the
             # data; the failure itself is never an error reply whose presence the data could have shaped.

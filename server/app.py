@@ -65,7 +65,8 @@ def run_server(grid: Grid, config: RunConfig) -> dict[str, Any]:
     inputs = server_inputs(grid, config)
     records = RunRecords.open(config, resume=config.resume)
     federation = Federation(grid, config, records, expected_devices=inputs.expected_devices,
-                            initial_tables=initial_tables(config, inputs.catalogue))
+                            initial_tables=initial_tables(config, inputs.catalogue),
+                            categories=list(inputs.catalogue.categories) if inputs.catalogue.categories else None)
     result = federation.run()
     trained_s = time.monotonic() - started
     summary: dict[str, Any] = {
@@ -80,6 +81,9 @@ def run_server(grid: Grid, config: RunConfig) -> dict[str, Any]:
     summary["federated_eval"] = result.final_eval
     if result.stopped:
         summary["stopped"] = result.stopped
+    # devices actually asked per round (devices-per-round is capped by the devices there are)
+    summary["devices_per_round"] = min(config.devices_per_round, result.devices)
+    summary["warnings"] = result.warnings
     summary["seconds"] = {"federation": round(trained_s, 1), "total": round(time.monotonic() - started, 1)}
     summary["run_dir"] = str(records.path)
     records.write_summary(summary)

@@ -21,7 +21,10 @@
 6. flag any device whose reported figure is below what it released (tampering) or above all it
    could have been charged, any device over its budget, and any round whose parameters differ
    from the config;
-7. the same for user-level (central) DP when the run used it, under each sampling assumption.
+7. the same for user-level (central) DP when the run used it, under each sampling assumption;
+8. name every figure by its unit and threat (server/audit_figures.py figure_table), and add the
+   empirical attacks of RUN/audit-attacks.json when there are some, and the versions the run and
+   the audit ran with (provenance).
 """
 
 from __future__ import annotations
@@ -42,27 +45,16 @@ from dp_accounting.rdp import RdpAccountant
 
 from fedrec.shared.config import AUTO, SECURE_MODES, ConfigError, RunConfig
 from fedrec.shared.distributed_dp import distributed_entries
+from fedrec.shared.provenance import versions
 
+from .audit_figures import ATTACKS_FILE, assumptions, figure_table, read_attacks
+from .audit_head import head_flags
 from .records import CONFIG, LEDGER, RunRecords
 
 # The devices' accountant uses Opacus's orders; the audit evaluates RDP at the same ones.
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 PLD_DISCRETIZATION = 1e-4
 DEFAULT_TOLERANCE = 1e-3  # relative; dp-accounting's and Opacus's RDP code differ by ~1e-5 here
-
-NEIGHBOURING = ("Record level, per device: two behaviour logs of the same device are neighbours if one has one "
-                "(device, item) pair more, with all its events (repeats of an item are merged before training). A "
-                "device's epsilon bounds what everything it ever sent - its popularity report, its item updates and "
-                "its evaluation releases - reveals about any such pair; one extra event on an item it already has is "
-                "covered as a group of two pairs.")
-SAMPLING = ("Within a device, each DP-SGD step samples every interaction independently with the rate q the server "
-            "fixed (Poisson sampling), which is what the accounting assumes. Which devices take part in a round is "
-            "chosen by the server, which therefore knows it: record-level epsilon takes no amplification from "
-            "device sampling.")
-NOT_COVERED = ("Not covered by the record-level guarantee: the fact that a device takes part at all (and when it "
-               "refuses or declines, which depends on its own settings and public plans only), and the time its "
-               "reply takes (local training grows with its sampled batch). Evaluation releases are covered: noised "
-               "on the device and charged like any release.")
 
 Step = tuple[float, float, int]  # (noise multiplier, sampling rate, steps), as in the devices' history
 
@@ -111,6 +103,7 @@ class DeviceAudit:
     recomputed: dict[Key, float] = field(default_factory=dict)  # over `steps`: what the server received
     charged: dict[Key, float] = field(default_factory=dict)  # over steps + unseen: the most it can have spent
     recomputed_pld: float = 0.0  # the headline at the reported unit, PLD
+    rdp: dict[Key, float] = field(default_factory=dict)  # over `steps`, RDP: shown beside the device's accountant
     diffs: list[float] = field(default_factory=list)  # relative differences of its reports from the recomputed
     sums: list[dict[str, Any]] = field(default_factory=list)  # the (t, c) each secure release was accounted with
     trajectory: list[tuple[int, float]] = field(default_factory=list)  # (round, recomputed headline after it)
@@ -278,6 +271,22 @@ def rdp_epsilon(steps: tuple[Step, ...], delta: float) -> float:
     for sigma, q, n in steps:
         accountant.compose(_event(sigma, q), n)
     return float(accountant.get_epsilon(delta))
+
+
+def exact_gaussian(config: RunConfig, unit: str) -> bool:
+    """Whether devices account this unit's releases exactly (local mode at the record level: every release a plain
+    Gaussian mechanism, shared/privacy/accounting.py gaussian_epsilon) rather than with RDP alone."""
+    return unit == "record" and config.privacy not in SECURE_MODES
+
+
+def device_epsilon(steps: tuple[Step, ...], delta: float, exact: bool) -> float:
+    """The device's accountant, recomputed independently with dp-accounting: RDP, and where `exact` and every step
+    has q = 1 the lower of RDP and the PLD of the Gaussian composition (PLD discretises pessimistically, so it lies
+    at or just above the exact figure a device states; the tolerance covers the difference)."""
+    rdp = rdp_epsilon(steps, delta)
+    if exact and steps and all(q >= 1.0 for _, q, _ in steps) and math.isfinite(rdp):
+        return min(rdp, pld_epsilon(steps, delta))
+    return rdp
 
 
 @lru_cache(maxsize=4096)
@@ -493,6 +502,7 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
     devices: dict[str, DeviceAudit] = {}
     sigma: dict[str, float] = {}
     seen_rounds: set[tuple[str, int]] = set()
+    asked_before: dict[tuple[str, int], set[str]] = {}  # devices asked in earlier attempts of each round
     violations: dict[tuple[str, str], Flag] = {}  # (device, code) -> its latest mis-report
     sums_used: set[SecureSum] = set()
 
@@ -517,10 +527,13 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
 
     for sent, done in attempts(entries):
         rnd, kind = int(sent["round"]), sent.get("kind", "train")
-        if (kind, rnd) in seen_rounds:
+        asked_now = set(sent.get("asked", []))
+        if (kind, rnd) in seen_rounds and asked_now & asked_before.get((kind, rnd), set()):
+            # (a secure popularity round is several sums over disjoint groups, one attempt each: not a repeat)
             flags.append(Flag("info", "round_repeated", f"{kind} round {rnd} was started again (a resumed run re-ran "
                                                         "it); devices are charged for every attempt", round=rnd))
         seen_rounds.add((kind, rnd))
+        asked_before.setdefault((kind, rnd), set()).update(asked_now)
         flags.extend(check_plan(sent, config, sigma))
         if done is not None and done is not sent and \
                 (done.get("plan"), done.get("privacy_steps")) != (sent.get("plan"), sent.get("privacy_steps")):
@@ -546,8 +559,8 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
                 flags.append(Flag("warning", "secure_sum_not_reported", f"{kind} round {rnd}: {device} released into "
                                   "the secure sum without naming the t and c it accounted with; charged at the "
                                   "worst of the ledger's and the other devices'", device=device, round=rnd))
-            audit.trajectory.append((rnd, rdp_epsilon(_compact(audit.steps[(reported_unit, HEADLINE)]),
-                                                      config.delta)))
+            audit.trajectory.append((rnd, device_epsilon(_compact(audit.steps[(reported_unit, HEADLINE)]),
+                                                         config.delta, exact_gaussian(config, reported_unit))))
             if device not in reported and config.dp:
                 flags.append(Flag("error", "epsilon_not_reported", f"round {rnd}: {device} released an update but "
                                                                    "reported no epsilon", device=device, round=rnd))
@@ -570,15 +583,29 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
     flags.extend(violations.values())
     for audit in devices.values():
         for key in {*audit.steps, *audit.unseen}:
-            audit.recomputed[key] = rdp_epsilon(_compact(audit.steps[key]), config.delta)
-            audit.charged[key] = rdp_epsilon(_compact([*audit.steps[key], *audit.unseen[key]]), config.delta)
+            exact = exact_gaussian(config, key[0])
+            audit.recomputed[key] = device_epsilon(_compact(audit.steps[key]), config.delta, exact)
+            audit.charged[key] = device_epsilon(_compact([*audit.steps[key], *audit.unseen[key]]), config.delta, exact)
+            audit.rdp[key] = rdp_epsilon(_compact(audit.steps[key]), config.delta)
         audit.recomputed_pld = pld_epsilon(_compact(audit.steps[(reported_unit, HEADLINE)]), config.delta)
         flags.extend(_device_flags(audit, config, tolerance))
     flags.extend(_own_share_flags(devices, config))
     user_level, user_flags = audit_user_level(entries, config, run_dir, tolerance)
-    result = _verdict(config, devices, flags + user_flags, tolerance, run_dir, units)
+    head, head_checks = head_flags(entries, config, run_dir)
+    attacks, attacks_problem = read_attacks(run_dir)
+    if attacks_problem:
+        flags.append(Flag("warning", "attacks_unreadable", f"{attacks_problem}; the attacks are left out of the "
+                          f"report (rerun `fedrec audit {run_dir} --attacks` to write {ATTACKS_FILE} again)"))
+    result = _verdict(config, devices, flags + user_flags + head_checks, tolerance, run_dir, units)
+    result["trained_head"] = head
     if user_level is not None:
         result["user_level"] = user_level
+    accountant_of = {unit: "exact-gaussian" if exact_gaussian(config, unit) else "rdp" for unit in units}
+    result["figure_table"] = figure_table(config, devices, units, headline=HEADLINE, accountant_of=accountant_of,
+                                          user_level=user_level)
+    if attacks is not None:
+        result["attacks"] = attacks
+    result["provenance"] = {"audit": versions(), "run": run_provenance(entries, run_dir)}
     if config.privacy in SECURE_MODES:
         figures = result["figures"][UNIT_NAMES[reported_unit]]
         result["secure_aggregation"] = {
@@ -603,6 +630,27 @@ def audit_run(run_dir: Path, *, tolerance: float = DEFAULT_TOLERANCE) -> dict[st
     return result
 
 
+# The accountants figure_table names (the device's, and RDP beside it where that is another).
+ACCOUNTANT_NAMES = {"rdp": "dp-accounting RDP at the devices' orders",
+                    "exact-gaussian": "the exact composition of Gaussian mechanisms where every release has q = 1 "
+                                      "(dp-accounting PLD, at most RDP), else RDP: the local mode's device accountant"}
+
+
+def run_provenance(entries: list[dict[str, Any]], run_dir: Path) -> dict[str, Any]:
+    """The versions the run's code recorded: in the first ledger line of each server process (a resume starts
+    another) and in summary.json."""
+    sessions = [{"round": entry.get("round"), "kind": entry.get("kind"), "versions": entry["provenance"]}
+                for entry in entries if isinstance(entry.get("provenance"), dict)]
+    summary_path = Path(run_dir) / "summary.json"
+    summary = None
+    if summary_path.exists():
+        try:
+            summary = json.loads(summary_path.read_text(encoding="utf-8")).get("provenance")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            summary = None
+    return {"ledger": sessions, "summary": summary}
+
+
 def _unverified(kind: str, rnd: int, view: SumView, why: str) -> Flag:
     said = "no threshold" if view.ledger is None else f"t_min = {view.ledger[0]}, colluders = {view.ledger[1]}"
     return Flag("warning", "secure_sum_unverified", f"{kind} round {rnd}: {why}; its releases are charged at the "
@@ -617,7 +665,8 @@ def _check_report(audit: DeviceAudit, unit: str, name: str, value: float, rnd: i
         return
     what = "" if name == HEADLINE else f" {FIGURE_NAMES[name]}"
     level = "" if unit == audit.unit else f" at the {unit} level"
-    recomputed = rdp_epsilon(_compact(audit.steps[(unit, name)]), config.delta)
+    exact = exact_gaussian(config, unit)
+    recomputed = device_epsilon(_compact(audit.steps[(unit, name)]), config.delta, exact)
     if math.isfinite(value) and math.isfinite(recomputed) and recomputed > 0:
         audit.diffs.append(abs(value - recomputed) / recomputed)
     if value < recomputed * (1 - tolerance) - 1e-12:
@@ -627,6 +676,7 @@ def _check_report(audit: DeviceAudit, unit: str, name: str, value: float, rnd: i
             f"received from it implies {recomputed:.6g}", device=audit.device, round=rnd)
     elif value > recomputed * (1 + tolerance) + 1e-12:
         charged = rdp_epsilon(_compact([*audit.steps[(unit, name)], *audit.unseen[(unit, name)]]), config.delta)
+        # (RDP here: a device whose state predates exact accounting, or saw a secure sum, reports RDP)
         if value > charged * (1 + tolerance) + 1e-12:
             code = f"{_CODE_PREFIX[name]}_over_reported"
             violations[(audit.device, code)] = Flag(
@@ -717,8 +767,8 @@ def _verdict(config: RunConfig, devices: dict[str, DeviceAudit], flags: list[Fla
         "figures": {"headline": HEADLINE, "unit": UNIT_NAMES[reported_unit],
                     **{UNIT_NAMES[unit]: _figure_block(devices, unit, reported_unit, budget) for unit in units}},
         "accountants": {"compared": "dp-accounting RDP, Opacus orders 1.1-63, conversion of Balle et al. 2020",
-                        "reference": "dp-accounting PLD (tighter)"},
-        "assumptions": {"neighbouring": NEIGHBOURING, "sampling": SAMPLING, "not_covered": NOT_COVERED},
+                        "reference": "dp-accounting PLD (tighter)", **ACCOUNTANT_NAMES},
+        "assumptions": assumptions(config),
         "flags": [asdict(f) for f in flags],
         "per_device": {d.device: _device_row(d, units) for d in sorted(devices.values(), key=lambda a: a.device)},
     }

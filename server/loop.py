@@ -24,8 +24,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,7 @@ from .core import (
     sample_devices,
     update_bound,
 )
+from .central_eval import CentralEvaluation
 from .exchange import send_and_receive
 from .records import LEDGER, METRICS, Checkpoint, RunRecords
 from .registry import DeviceRegistry, grid_is_simulated
@@ -75,10 +77,24 @@ class FederationResult:
     final_eval: dict[str, float]
     devices: int
     stopped: str = ""  # why the run ended before its last round ('' = it did not)
+    warnings: list[str] = field(default_factory=list)  # what the operator should know (summary.json 'warnings')
 
 
 class TooFewDevices(RuntimeError):
     """Fewer devices online than `min-devices`, even after waiting `node-wait-timeout`."""
+
+
+class Interrupted(RuntimeError):
+    """The operator asked the run to stop (Ctrl-C); `last_round` is the round of the last checkpoint."""
+
+    def __init__(self, message: str, *, last_round: int) -> None:
+        super().__init__(message)
+        self.last_round = last_round
+
+
+# Set by `fedrec simulate`'s Ctrl-C handler (simulation/runner.py), read by the loop between rounds: a signal is
+# process-wide, and the loop runs in Flower's server thread, which signal handlers never run in.
+STOP_REQUESTED = threading.Event()
 
 
 def _cohort(devices: list[str], *, nonce: int, delta_clip: float = 0.0) -> ConfigRecord:
@@ -91,12 +107,12 @@ def _tables_record(tables: ItemTables) -> ArrayRecord:
 
 class Federation:
     def __init__(self, grid: Grid, config: RunConfig, records: RunRecords, *, expected_devices: int,
-                 initial_tables: ItemTables) -> None:
+                 initial_tables: ItemTables, categories: list[str] | None = None) -> None:
         self.grid, self.config, self.records = grid, config, records
         self.num_items = initial_tables.num_items
         self.registry = DeviceRegistry(grid, hello_timeout=config.round_timeout)
         self.expected_devices = expected_devices
-        self.model = ItemModelServer(config, initial_tables)
+        self.model = ItemModelServer(config, initial_tables, categories)
         self.first_round = 1
         self.noise_multiplier = math.nan
         self.restored = False
@@ -104,6 +120,8 @@ class Federation:
         # Secure aggregation: enforced by the protocol where a node is one device (deployment, device engine),
         # modelled where a node speaks for a shard of devices (cohort engine); none in the local modes.
         self.aggregation = secure_aggregation_kind(config, simulated=grid_is_simulated(grid))
+        # Simulation only: a learning curve from every device's held-out items (central-eval-every).
+        self.central = CentralEvaluation.for_run(config, simulated=grid_is_simulated(grid))
         # A sanity bound on reported epsilons: in simulation every device's budget is the run's policy; deployed
         # devices follow their own settings, which the server does not know.
         self.reply_budget = simulated_policy(config).epsilon_budget if grid_is_simulated(grid) else math.inf
@@ -119,19 +137,34 @@ class Federation:
             if entry.get("status") == "sent":
                 key = (str(entry["kind"]), int(entry["round"]))
                 self.attempts[key] = self.attempts.get(key, 0) + 1
+        # The largest epsilon any device reported so far (a resumed run starts from its ledger): the round line's.
+        self.epsilon_max = max((math.inf if e is None else float(e) for entry in records.read_jsonl(LEDGER)
+                                for e in entry.get("epsilon_reported", {}).values()), default=0.0)
+        self.warnings: list[str] = []
+        self.idle_rounds: list[int] = []  # training rounds in which no device trained
 
     def run(self) -> FederationResult:
         cfg = self.config
         self.registry.wait_for(self.expected_devices, timeout=cfg.node_wait_timeout)
         self._restore_or_start()
-        log.info("federation: %d devices, rounds %d..%d, %d per round, privacy=%s sigma=%.4f server lr %.3g",
-                 len(self.registry.node_of), self.first_round, cfg.rounds, cfg.devices_per_round, cfg.privacy,
+        devices = len(self.registry.node_of)
+        per_round = min(cfg.devices_per_round, devices)
+        if cfg.devices_per_round > devices:
+            self._warn(f"devices-per-round {cfg.devices_per_round} is more than the {devices} devices: each round "
+                       f"asks all {devices}")
+        log.info("federation: %d devices, rounds %d..%d, %d per round%s, privacy=%s sigma=%.4f server lr %.3g",
+                 devices, self.first_round, cfg.rounds, per_round,
+                 " (expected; Poisson sampling)" if cfg.device_sampling == "poisson" else "", cfg.privacy,
                  self.noise_multiplier, self.model.optimizer.lr)
         if not self.restored and popularity_plan(cfg) is not None:  # once per run: never again after a resume
             self._popularity_round()
         last = cfg.rounds
         stopped = ""
+        if self.central is not None and not self.restored:
+            self.records.append(METRICS, self.central.row(0, self.model.serving_tables()))
         for server_round in range(self.first_round, cfg.rounds + 1):
+            if STOP_REQUESTED.is_set():
+                raise Interrupted(f"interrupted before round {server_round}", last_round=server_round - 1)
             try:
                 self._enough_devices()
             except TooFewDevices as err:
@@ -140,13 +173,31 @@ class Federation:
                           server_round, err, last)
                 break
             self._train_round(server_round)
+            if self.central is not None and self.central.due(server_round):
+                self.records.append(METRICS, self.central.row(server_round, self.model.serving_tables()))
             if cfg.federated_eval and server_round % cfg.eval_every == 0 and server_round != cfg.rounds:
                 self._evaluate(server_round, cfg.eval_devices, final=False)
+        self._closing_warnings(last)
         final = {}
         if cfg.federated_eval and not stopped and self.first_round <= cfg.rounds:
             final = self._evaluate(last, cfg.final_eval_devices, final=True)
         return FederationResult(tables=self.model.serving_tables(), noise_multiplier=self.noise_multiplier,
-                                final_eval=final, devices=len(self.registry.node_of), stopped=stopped)
+                                final_eval=final, devices=len(self.registry.node_of), stopped=stopped,
+                                warnings=self.warnings)
+
+    def _warn(self, message: str) -> None:
+        """A warning now, and again in the summary ('warnings') and the closing lines."""
+        log.warning("%s", message)
+        self.warnings.append(message)
+
+    def _closing_warnings(self, last: int) -> None:
+        """Say once, at the end, what the per-round lines said: rounds in which nobody trained."""
+        if self.idle_rounds:
+            ran = last - self.first_round + 1
+            shown = ", ".join(map(str, self.idle_rounds[:10])) + (", ..." if len(self.idle_rounds) > 10 else "")
+            self._warn(f"{len(self.idle_rounds)} of {ran} training rounds trained no device (rounds {shown}): the "
+                       "item model did not learn in them; see the per-round lines for why (declined: budgets "
+                       "spent; refused: the devices' policy)")
 
     def _enough_devices(self) -> None:
         """The policy for devices going offline: below `min-devices`, wait up to node-wait-timeout, then stop."""
@@ -166,6 +217,8 @@ class Federation:
             self.model.tables = checkpoint.tables
             self.model.optimizer.load_state_dict(checkpoint.optimizer_state)
             self.model.noise_variance = checkpoint.noise_variance
+            if checkpoint.prior is not None:
+                self.model.set_prior(checkpoint.prior, checkpoint.head)
             self.noise_multiplier = checkpoint.noise_multiplier
             self.first_round = checkpoint.server_round + 1
             self.restored = True
@@ -250,6 +303,7 @@ class Federation:
                       asked: Asked, replies: TrainReplies, central: dict[str, Any] | None = None, *,
                       nonce: int, secure: dict[str, Any] | None = None) -> None:
         """Append the round's outcome to the privacy ledger before anything else happens with its replies."""
+        self.epsilon_max = max([self.epsilon_max, *replies.epsilon.values()])
         self.records.append(LEDGER, {
             "status": "done", "round": server_round, "kind": kind, "attempt": nonce, "time": time.time(),
             "plan": plan, "privacy_steps": [list(step) for step in privacy_steps],
@@ -271,7 +325,8 @@ class Federation:
         self.records.save_checkpoint(Checkpoint(server_round=server_round, tables=self.model.tables,
                                                 optimizer_state=self.model.optimizer.state_dict(),
                                                 noise_multiplier=self.noise_multiplier,
-                                                noise_variance=self.model.noise_variance))
+                                                noise_variance=self.model.noise_variance,
+                                                prior=self.model.prior, head=self.model.head))
 
     def _train_round(self, server_round: int) -> None:
         cfg = self.config
@@ -282,34 +337,37 @@ class Federation:
         chosen = sample_devices(self.registry.node_of, cfg.devices_per_round,
                                 rng=self.randomness.for_round(server_round, attempt, TRAIN_SALT),
                                 poisson=cfg.device_sampling == "poisson")
-        plan = round_plan(cfg, server_round, self.noise_multiplier)
+        plan = round_plan(cfg, server_round, self.noise_multiplier, self.model.head)
         tables = _tables_record(self.model.tables)
+        sent = {P.TABLES: tables, P.PLAN: ConfigRecord(plan.to_config()),
+                **({P.HEAD: ArrayRecord({k: Array(v) for k, v in P.head_to_arrays(self.model.head).items()})}
+                   if self.model.head is not None else {})}
         asked = self.registry.group(chosen)
         if cfg.privacy in SECURE_MODES:
-            self._secure_train_round(server_round, plan, tables, asked, population, started)
+            self._secure_train_round(server_round, plan, sent, asked, population, started)
             return
-        bound = update_bound(cfg, plan, self.num_items, self.model.tables.dim)
+        trained = self.model.training_tables()
+        bound = update_bound(cfg, plan, trained.num_items, trained.dim)
         nonce = self._write_ahead(server_round, "train", plan.to_config(), plan.privacy_steps(), asked,
                                   self.model.tables)
-        messages = [Message(RecordDict({P.TABLES: tables, P.PLAN: ConfigRecord(plan.to_config()),
-                                        P.COHORT: _cohort(devices, nonce=nonce, delta_clip=bound)}),
+        messages = [Message(RecordDict({**sent, P.COHORT: _cohort(devices, nonce=nonce, delta_clip=bound)}),
                             dst_node_id=node, message_type="train", ttl=cfg.round_timeout)
                     for node, devices in asked.items()]
         replies = sort_train_replies(send_and_receive(self.grid, messages, timeout=cfg.round_timeout), asked,
-                                     self.model.tables, dp=cfg.dp, epsilon_budget=self.reply_budget,
-                                     delta_clip=bound)
+                                     trained, dp=cfg.dp, epsilon_budget=self.reply_budget, delta_clip=bound)
         central = central_record(cfg, population=population, contributors=len(replies.trained))
         self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies, central,
                            nonce=nonce)
-        total = PartialSum.zeros(self.num_items, self.model.tables.dim)
+        total = PartialSum.zeros(trained.num_items, trained.dim)
         for part in replies.ordered_parts(asked):
             total.merge(part)
         applied = self.model.apply(total, plan, rng=self.randomness.for_round(server_round, nonce, CENTRAL_NOISE_SALT),
                                    population=population)
         self._checkpoint(server_round)
-        self._log_round(server_round, replies, applied, started)
+        self._log_round(server_round, replies, applied, started, asked)
 
-    def _log_round(self, server_round: int, replies: TrainReplies, applied: dict[str, Any], started: float) -> None:
+    def _log_round(self, server_round: int, replies: TrainReplies, applied: dict[str, Any], started: float,
+                   asked: Asked, colluders: int | None = None) -> None:
         cfg = self.config
         eps = list(replies.epsilon.values())
         eps_subverted = list(replies.epsilon_subverted.values())
@@ -320,23 +378,29 @@ class Federation:
                 "epsilon_unbounded": bool(eps) and not math.isfinite(max(eps)),
                 "epsilon_max_subverted": _json_epsilon(max(eps_subverted)) if eps_subverted else 0.0, **applied}
         self.records.append(METRICS, {"kind": "train", **line})
-        log.info("round %d/%d: %d trained, %d declined, %d refused, %d rejected, %d failed, eps max %s (%.1fs)",
-                 server_round, cfg.rounds, line["trained"], line["declined"], line["refused"], line["rejected"],
-                 line["failed"], max(eps) if eps else 0.0, line["seconds"])
+        # the running maximum over every device so far (it never goes down); in the secure modes the headline figure
+        label = "" if colluders is None else f" (against a malicious server and c = {colluders} colluding devices)"
+        log.info("round %d/%d: %d trained, %d declined, %d refused, %d rejected, %d failed, epsilon max so far %s%s "
+                 "(%.1fs)", server_round, cfg.rounds, line["trained"], line["declined"], line["refused"],
+                 line["rejected"], line["failed"], _epsilon_text(self.epsilon_max), label, line["seconds"])
+        if not replies.trained:
+            self.idle_rounds.append(server_round)
+            log.warning("round %d trained no device (%d asked: %d declined, their budget spent; %d refused by their "
+                        "policy; %d rejected; %d failed)", server_round, sum(len(v) for v in asked.values()),
+                        line["declined"], line["refused"], line["rejected"], line["failed"])
         if replies.refused:
             log.warning("round %d: devices refused the plan by their own policy: %s", server_round,
                         _rule_counts(replies.refused))
 
-    def _secure_train_round(self, server_round: int, plan: LocalTrainingPlan, tables: ArrayRecord, asked: Asked,
+    def _secure_train_round(self, server_round: int, plan: LocalTrainingPlan, sent: dict[str, Any], asked: Asked,
                             population: int, started: float) -> None:
         """A training round of the distributed or user mode: the server learns only the sum of the updates."""
         t_min, colluders = secure_threshold(self.config, asked)
         mechanism = training_mechanism(plan, self.num_items, self.model.tables.dim, t_min, colluders)
         nonce = self._write_ahead(server_round, "train", plan.to_config(), plan.privacy_steps(), asked,
                                   self.model.tables, t_min=t_min, colluders=colluders)
-        replies, total, shares = self._secure_sum(server_round, "train", {P.TABLES: tables,
-                                                                          P.PLAN: ConfigRecord(plan.to_config())},
-                                                  asked, mechanism, nonce=nonce, message_type="train")
+        replies, total, shares = self._secure_sum(server_round, "train", sent, asked, mechanism, nonce=nonce,
+                                                  message_type="train")
         self._record_round(server_round, "train", plan.to_config(), plan.privacy_steps(), asked, replies,
                            nonce=nonce, secure={"t_min": t_min, "colluders": colluders, "shares": shares,
                                                 "aggregation": self.aggregation, "decrypted": total is not None})
@@ -349,7 +413,7 @@ class Federation:
             applied = self.model.apply_sum(embedding, bias, shares=shares, noise_std=mechanism.sum_noise_std(shares),
                                            population=population)
         self._checkpoint(server_round)
-        self._log_round(server_round, replies, applied, started)
+        self._log_round(server_round, replies, applied, started, asked, colluders)
 
     def _secure_sum(self, server_round: int, kind: str, content: dict[str, Any], asked: Asked,
                     mechanism: SumMechanism, *, nonce: int,
@@ -394,6 +458,8 @@ class Federation:
         serving = self.model.serving_tables()
         tables = _tables_record(serving)
         asked = self.registry.group(chosen)
+        if final:
+            log.info("final federated evaluation: asking %d devices for their noised metrics ...", len(chosen))
         nonce = self._write_ahead(server_round, "evaluate", plan.to_config(), plan.privacy_steps(), asked, serving)
         messages = [Message(RecordDict({P.TABLES: tables, P.EVAL: ConfigRecord(plan.to_config()),
                                         P.COHORT: _cohort(devices, nonce=nonce)}),
@@ -446,6 +512,11 @@ def tables_digest(tables: ItemTables) -> str:
 def _json_epsilon(value: float) -> float | None:
     """Epsilon for a JSON file: infinite (a release without DP) is null, never the non-JSON Infinity."""
     return value if math.isfinite(value) else None
+
+
+def _epsilon_text(value: float) -> str:
+    """Epsilon to 3 significant digits ('unbounded' for a release without DP)."""
+    return format(float(format(value, ".3g")), "g") if math.isfinite(value) else "unbounded"  # 1234 -> 1230
 
 
 def _rule_counts(refused: dict[str, str]) -> dict[str, int]:

@@ -14,7 +14,9 @@ from typing import Any
 import numpy as np
 
 from fedrec.shared.config import ConfigError, RunConfig
+from fedrec.shared.head import NoisyPrior
 from fedrec.shared.model import ItemTables
+from fedrec.shared.provenance import versions
 from fedrec.shared.state import atomic_write
 
 CONFIG = "config.json"
@@ -60,6 +62,8 @@ class Checkpoint:
     optimizer_state: dict[str, np.ndarray]
     noise_multiplier: float
     noise_variance: float  # known DP noise per embedding coordinate (nan if unknown)
+    prior: NoisyPrior | None = None  # the released popularity sum, from which the head was chosen
+    head: np.ndarray | None = None  # the item ids that train (shared/head.py); None: all of them
 
 
 class RunRecords:
@@ -67,6 +71,7 @@ class RunRecords:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        self._ledger_started = False  # whether this server process has written a ledger line yet
 
     @classmethod
     def open(cls, config: RunConfig, *, resume: bool) -> RunRecords:
@@ -85,7 +90,14 @@ class RunRecords:
         return records
 
     def append(self, name: str, record: dict[str, Any]) -> None:
-        """Append one JSON line and fsync it, so a crash loses at most the line being written."""
+        """Append one JSON line and fsync it, so a crash loses at most the line being written.
+
+        The first ledger line a server process writes (a new run's first, a resumed run's first after the resume)
+        carries the versions of the code it ran with ('provenance'), so the audit can say what each part ran on.
+        """
+        if name == LEDGER and not self._ledger_started:
+            record = {**record, "provenance": versions()}
+            self._ledger_started = True
         with open(self.path / name, "a", encoding="utf-8") as fh:
             fh.write(dumps(record, sort_keys=True) + "\n")
             fh.flush()
@@ -108,6 +120,9 @@ class RunRecords:
         np.savez(buffer, server_round=checkpoint.server_round, embedding=checkpoint.tables.embedding,
                  bias=checkpoint.tables.bias, noise_multiplier=checkpoint.noise_multiplier,
                  noise_variance=checkpoint.noise_variance,
+                 **({"prior_counts": checkpoint.prior.counts, "prior_noise_std": checkpoint.prior.noise_std,
+                     "prior_reports": checkpoint.prior.reports} if checkpoint.prior is not None else {}),
+                 **({"head": checkpoint.head} if checkpoint.head is not None else {}),
                  **{f"opt.{k}": v for k, v in checkpoint.optimizer_state.items()})
         atomic_write(self.path / CHECKPOINT, buffer.getvalue())
 
@@ -121,9 +136,16 @@ class RunRecords:
                                   tables=ItemTables(embedding=data["embedding"], bias=data["bias"]),
                                   optimizer_state={k[4:]: data[k] for k in data.files if k.startswith("opt.")},
                                   noise_multiplier=float(data["noise_multiplier"]),
-                                  noise_variance=float(data["noise_variance"]))
+                                  noise_variance=float(data["noise_variance"]),
+                                  prior=NoisyPrior(data["prior_counts"].astype(np.float64),
+                                                   noise_std=float(data["prior_noise_std"]),
+                                                   reports=int(data["prior_reports"]))
+                                  if "prior_counts" in data.files else None,
+                                  head=data["head"].astype(np.int64) if "head" in data.files else None)
         except (OSError, ValueError, KeyError) as err:
             raise ConfigError(f"{path}: unreadable checkpoint ({err})") from None
 
     def write_summary(self, summary: dict[str, Any]) -> None:
+        """summary.json, with the versions of fedrec and its privacy-relevant dependencies ('provenance')."""
+        summary = {**summary, "provenance": versions()}
         atomic_write(self.path / SUMMARY, (dumps(summary, indent=2, sort_keys=False) + "\n").encode())

@@ -50,7 +50,7 @@ def run_secure_sum(grid: Grid, config: RunConfig, server_round: int, kind: str, 
     params = SessionParams(session_id=os.urandom(16), threshold=mechanism.t_min, vector_length=mechanism.dimension,
                            colluders=mechanism.colluders, server_round=server_round, plan_digest=digest)
     session = ServerSession(params)
-    plan_records = {k: v for k, v in content.items() if k != P.TABLES}
+    plan_records = {k: v for k, v in content.items() if k not in (P.TABLES, P.HEAD)}  # those: masked stage only
     out = TrainReplies()
 
     def send(stage: str, nodes: Iterable[int], extra: dict[int, dict[str, Any]] | None = None,
@@ -59,8 +59,8 @@ def run_secure_sum(grid: Grid, config: RunConfig, server_round: int, kind: str, 
         for node in sorted(nodes):
             records: dict[str, Any] = {**plan_records, P.COHORT: ConfigRecord({P.DEVICE_IDS: [device_of[node]],
                                                                                P.NONCE: nonce})}
-            if with_tables and P.TABLES in content:
-                records[P.TABLES] = content[P.TABLES]
+            if with_tables:
+                records.update({k: content[k] for k in (P.TABLES, P.HEAD) if k in content})
             records[SECAGG] = ConfigRecord({"stage": stage, **((extra or {}).get(node, {}))})
             messages.append(Message(RecordDict(records), dst_node_id=node, message_type=MESSAGE_TYPES[stage],
                                     ttl=config.round_timeout))

@@ -66,6 +66,15 @@ class RunConfig:
     init_scale: float = _opt(0.1, "standard deviation of the initial embeddings", min_exclusive=0.0)
     category_init: float = _opt(1.0, "scale of a shared random direction per public item category added to the "
                                      "initial embeddings (0 = ignore categories)", min=0.0)
+    trained_items: float | str = _opt(AUTO, "items whose embeddings train, chosen from the noisy popularity prior "
+                                            "alone (post-processing: no extra release): 'auto' = those whose noisy "
+                                            "count is at least head-z standard deviations of its noise (at least "
+                                            "10), N = the N largest noisy counts, 0 = every item; the rest of the "
+                                            "catalogue ranks by its prior bias and its category's mean trained "
+                                            "embedding. Without popularity-prior every item trains",
+                                      auto_ok=True, min=0.0)
+    head_z: float = _opt(3.0, "'auto' trained-items: how many noise standard deviations an item's noisy count must "
+                              "reach to train", min_exclusive=0.0)
 
     # --- federation -----------------------------------------------------------------
     rounds: int = _opt(50, "number of federated training rounds", min=1)
@@ -162,6 +171,9 @@ class RunConfig:
     refit_l2: float = _opt(3.0, "ridge penalty of the on-device user re-fit used for ranking", min_exclusive=0.0)
     baselines: bool = _opt(True, "simulation: after the run, evaluate the model and the random, popularity and central "
                                  "MF baselines centrally on every device (false: the federated evaluation only)")
+    central_eval_every: int = _opt(0, "simulation: evaluate the model centrally on every device's held-out items "
+                                      "every N rounds (and before the first): a learning curve at no privacy cost, "
+                                      "since the experimenter owns the data (0 = off; a deployment never does)", min=0)
     ranking_shrinkage: bool = _opt(True, "rank with item embeddings shrunk by their known DP noise (FedAvg only)")
 
     # --- simulation engine (fedrec simulate only; a deployment runs one device per node) --
@@ -188,6 +200,8 @@ class RunConfig:
         elif not self.dp and self.privacy != "none":
             raise ConfigError(f"privacy={self.privacy!r} with dp=false: a private mode needs dp=true "
                               "(or privacy='none')")
+        if self.trained_items != AUTO and float(self.trained_items) != int(float(self.trained_items)):
+            raise ConfigError(f"trained-items={self.trained_items!r}: expected 'auto' or a whole number of items")
         if self.privacy in SECURE_MODES and self.central_noise_multiplier > 0:
             raise ConfigError(f"central-noise-multiplier: privacy={self.privacy!r} adds its noise on the devices "
                               "(secure sums); the trusted-server variant is privacy='local' with "
@@ -212,7 +226,7 @@ class RunConfig:
         fields = {_key(f.name): f for f in dataclasses.fields(cls)}
         unknown = sorted(set(mapping) - set(fields))
         if unknown:
-            raise ConfigError(f"{source}: unknown key(s) {unknown}; known keys are {sorted(fields)}")
+            raise ConfigError(unknown_keys_message(source, unknown, fields, listing="fedrec config"))
         values = {fields[k].name: _coerce(fields[k], k, v, source) for k, v in mapping.items()}
         try:
             return cls(**values)
@@ -255,6 +269,43 @@ class RunConfig:
     @classmethod
     def help_texts(cls) -> dict[str, str]:
         return {_key(f.name): f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        """Every key with its default, allowed values and help, from the field definitions the parser uses."""
+        return [{"key": _key(f.name), "default": f.default, "allowed": allowed_values(f),
+                 "help": f.metadata["help"]} for f in dataclasses.fields(cls)]
+
+
+def allowed_values(f: dataclasses.Field) -> str:
+    """A field's rules as text: 'one of a, b', '>= 1', '> 0 and <= 1', 'or auto' (as _check_rules enforces them)."""
+    rules = f.metadata
+    if "choices" in rules:
+        return "one of " + ", ".join(map(str, rules["choices"]))
+    bounds = [f"{op} {rules[name]}" for name, op in (("min", ">="), ("min_exclusive", ">"), ("max", "<="),
+                                                      ("max_exclusive", "<")) if name in rules]
+    kind = "a number" if rules.get("auto_ok") else {bool: "true or false", int: "integer", float: "number",
+                                                    str: "text"}[type(f.default)]
+    text = " and ".join(bounds) if bounds else kind
+    return f"{text} or auto" if rules.get("auto_ok") else text
+
+
+def unknown_keys_message(source: str, unknown: list[str], known: Mapping[str, Any] | list[str], *,
+                         what: str = "key", listing: str = "") -> str:
+    """'unknown key(s) [...]' with the closest known key for each (a typo's likely fix) and where to list them all."""
+    import difflib
+
+    names = sorted(known)
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+        if close:
+            hints.append(f"did you mean {close[0]}? (for {key})" if len(unknown) > 1 else f"did you mean {close[0]}?")
+    message = f"{source}: unknown {what}(s) {unknown}"
+    if hints:
+        message += "; " + "; ".join(hints)
+    where = f" (all of them, with defaults and help: {listing})" if listing else ""
+    return f"{message}; known {what}s are {names}{where}"
 
 
 def _key(name: str) -> str:

@@ -13,6 +13,7 @@ metrics only with Gaussian noise, charged to the budget like any other release.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -25,6 +26,7 @@ import numpy as np
 from .aggregation import PartialSum
 from .distributed_dp import GridSum
 from .data.interactions import DataError, DeviceEvents, DeviceSplit, split_device
+from .head import local_index
 from .eval_release import RELEASED_METRICS, EvaluationPlan, noisy_metrics
 from .evaluation import rank_scores
 from .model import ItemTables, initial_user_row
@@ -36,6 +38,8 @@ from .privacy.accounting import HistoryEntry, compact_history, epsilon, epsilon_
 from .privacy.releases import release_cost
 from .ranking import refit_user_row
 from .state import DeviceState
+
+log = logging.getLogger("fedrec.device")
 
 if TYPE_CHECKING:  # torch and Opacus: imported where a device trains (train_devices), not on every message
     from .training import DeviceTrainingData
@@ -114,7 +118,8 @@ class Device:
                            history: Sequence[HistoryEntry] | None = None) -> float:
         if state.non_private:
             return math.inf
-        return epsilon(state.history if history is None else history, delta=min(delta, self.policy.max_delta))
+        return epsilon(state.history if history is None else history, delta=min(delta, self.policy.max_delta),
+                       exact_gaussian=state.gaussian_record)
 
     def figures(self, state: DeviceState, delta: float, *, user_level: bool) -> tuple[float, float, float]:
         """(malicious with c colluders: the headline, honest-but-curious, own share) epsilon at the record or user
@@ -124,7 +129,8 @@ class Device:
         histories = (state.user_history, state.user_honest_history, state.user_subverted_history) if user_level \
             else (state.history, state.honest_history, state.subverted_history)
         delta = min(delta, self.policy.max_delta)
-        return tuple(epsilon(h, delta=delta) for h in histories)  # type: ignore[return-value]
+        exact = state.gaussian_record and not user_level
+        return tuple(epsilon(h, delta=delta, exact_gaussian=exact) for h in histories)  # type: ignore[return-value]
 
     def _outcome(self, state: DeviceState, plan: Plan, *, declined: bool, refused: str = "",
                  secure_sum: tuple[int, int] | None = None) -> TrainOutcome:
@@ -166,10 +172,12 @@ class Device:
             return True  # a user-level figure it can no longer make finite: never spend towards it
         headline, subverted = ((state.user_history, cost.user), (state.user_subverted_history, cost.user_subverted)) \
             if at_user_level else ((state.history, cost.record), (state.subverted_history, cost.record_subverted))
-        if epsilon_after(headline[0], headline[1] or [], delta=plan.delta) > self.policy.epsilon_budget:
+        exact = not at_user_level and state.gaussian_record and gaussian_release(plan, t_min)
+        if epsilon_after(headline[0], headline[1] or [], delta=plan.delta, exact_gaussian=exact) > \
+                self.policy.epsilon_budget:
             return True
         cap = self.policy.max_subverted_epsilon
-        return cap > 0 and epsilon_after(subverted[0], subverted[1] or [], delta=plan.delta) > cap
+        return cap > 0 and epsilon_after(subverted[0], subverted[1] or [], delta=plan.delta, exact_gaussian=exact) > cap
 
     def report_popularity(self, plan: PopularityPlan, num_items: int, *,
                           nonce: int = 0) -> tuple[TrainOutcome, np.ndarray | None]:
@@ -191,9 +199,17 @@ class Device:
         if verdict is not None:
             return verdict, None
         outcome = self.outcome(plan)
-        row = refit_user_row(tables, self.split.train_items, self.split.train_weights, l2=plan.refit_l2)
-        ranked = rank_scores(tables.scores(row[None]), [self.split], target="test")
-        exact = {k: float(ranked[k][0]) for k in RELEASED_METRICS}
+        try:
+            row = refit_user_row(tables, self.split.train_items, self.split.train_weights, l2=plan.refit_l2)
+            ranked = rank_scores(tables.scores(row[None]), [self.split], target="test")
+            exact = {k: float(ranked[k][0]) for k in RELEASED_METRICS}
+        except (MemoryError, RuntimeError) as err:
+            # Whether ranking fails can depend on the data (the re-fit's memory grows with the log, and the server
+            # shapes the tables): answered as a release of zero metrics with the same noise, never as an error,
+            # so the failure shows nothing outside the accounted release.
+            log.warning("round %d: evaluation failed after it was charged (%s); releasing noised zeros",
+                        plan.server_round, type(err).__name__)
+            exact = {k: 0.0 for k in RELEASED_METRICS}
         rng = np.random.default_rng(_noise_seed(self.settings.seed, [self.device_key], plan.server_round, nonce,
                                                 salt=EVAL_NOISE_SALT))
         return outcome, noisy_metrics(exact, plan, rng)
@@ -209,10 +225,18 @@ class Device:
         rng = np.random.default_rng([self.settings.seed, self.device_key, 0x05E5])
         return initial_user_row(dim, scale=self.settings.init_scale, rng=rng)
 
-    def training_data(self, plan: LocalTrainingPlan, nonce: int = 0) -> DeviceTrainingData:
+    def training_data(self, plan: LocalTrainingPlan, nonce: int = 0,
+                      index: np.ndarray | None = None) -> DeviceTrainingData:
+        """This round's training interactions; `index` (catalogue id -> head position, -1 outside): only the items
+        of the round's trained head, renumbered to its rows (the rest of the catalogue does not train)."""
         from .training import DeviceTrainingData
 
-        return DeviceTrainingData(items=self.split.train_items, weights=self.split.train_weights,
+        items, weights = self.split.train_items, self.split.train_weights
+        if index is not None:
+            local = index[items]
+            keep = local >= 0
+            items, weights = local[keep], weights[keep]
+        return DeviceTrainingData(items=items, weights=weights,
                                   seed=(self.settings.seed, self.device_key, plan.server_round, nonce))
 
     def screen(self, plan: Plan, t_min: int = 0, colluders: int = 0, rule: str = "", *,
@@ -262,9 +286,15 @@ class Device:
             user_subverted_history=tuple(compact_history([*state.user_subverted_history,
                                                           *(cost.user_subverted or [])])),
             not_user_level=state.not_user_level or cost.user is None,
+            gaussian_record=state.gaussian_record and gaussian_release(plan, t_min),
             rounds=(*state.rounds, plan.server_round), non_private=state.non_private or not cost.private)
         self.store.save(new_state)
         return new_state
+
+
+def gaussian_release(plan: Plan, t_min: int = 0) -> bool:
+    """Whether the release is a plain Gaussian mechanism at the multiplier it lists (no secure sum)."""
+    return not t_min and getattr(plan, "privacy", "local") not in ("distributed", "user")
 
 
 def user_level(plan: Plan) -> bool:
@@ -276,7 +306,7 @@ def user_level(plan: Plan) -> bool:
 def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: ItemTables, *,
                   into: PartialSum | None = None, delta_clip: float = 0.0, nonce: int = 0,
                   max_cohort_bytes: int = COHORT_BYTES, secure: GridSum | None = None,
-                  t_min: int = 0, colluders: int = 0) -> list[TrainOutcome]:
+                  t_min: int = 0, colluders: int = 0, head: np.ndarray | None = None) -> list[TrainOutcome]:
     """One round for several devices: policy and budget checks, then Opacus passes over cohorts of those that train.
 
     Each device's clipping, noise and accounting are exactly those of training it alone
@@ -287,11 +317,17 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
     `nonce` names the attempt of the round, so a round run again draws fresh noise.
     `secure` (distributed and user modes): each update is put on the grid and added there instead (the
     caller adds the devices' noise shares and masks the sum); `t_min` is the secure sum's threshold and
-    `colluders` the devices assumed to collude with the server in it.
+    `colluders` the devices assumed to collude with the server in it. `head`: the item ids the plan trains (checked
+    by the caller against the plan, shared/protocol.py head_from_arrays); only those rows train and are sent.
     """
     from .training import train_cohort  # torch and Opacus: the one path that needs them
 
     _secure_plan_only(plan, secure)
+    if (0 if head is None else len(head)) != plan.head_size:
+        raise ValueError(f"round {plan.server_round}: the plan trains {plan.head_size} head items, "
+                         f"{0 if head is None else len(head)} given")
+    index = local_index(head, tables.num_items) if head is not None else None
+    tables = tables.take(head)
     if any(d.policy.exact_clipping for d in devices):  # how the device clips is its own choice, not the plan's
         plan = replace(plan, grad_sample_mode="hooks")
 
@@ -311,7 +347,7 @@ def train_devices(devices: Sequence[Device], plan: LocalTrainingPlan, tables: It
         keys = [devices[j].device_key for j in cohort]
         update = train_cohort(plan, tables, np.stack([devices[j].user_row(states[j], tables.dim, plan)
                                                       for j in cohort]),
-                              [devices[j].training_data(plan, nonce) for j in cohort],
+                              [devices[j].training_data(plan, nonce, index) for j in cohort],
                               [states[j].history for j in cohort],
                               noise_seed=_noise_seed(devices[cohort[0]].settings.seed, keys, plan.server_round, nonce))
         if not all(np.isfinite(a).all() for a in (update.user_rows, update.embedding_delta, update.bias_delta)):

@@ -38,6 +38,13 @@ class ItemTables:
         return cls(embedding=(rng.standard_normal((num_items, dim)) * scale).astype(np.float32),
                    bias=np.zeros(num_items, dtype=np.float32))
 
+    def take(self, rows: np.ndarray | None) -> ItemTables:
+        """The tables restricted to `rows` (None: all), in their order: what a round with a trained head trains."""
+        if rows is None:
+            return self
+        return ItemTables(embedding=np.ascontiguousarray(self.embedding[rows]),
+                          bias=np.ascontiguousarray(self.bias[rows]))
+
     def scores(self, user_rows: np.ndarray) -> np.ndarray:
         """Scores [num_users, num_items] for a block of user rows [num_users, dim]."""
         return user_rows @ self.embedding.T + self.bias

@@ -54,6 +54,8 @@ class LocalTrainingPlan:
     grad_sample_mode: str
     privacy: str = "local"  # local | distributed | user (see shared/privacy/releases.py)
     update_clip: float = 0.0  # privacy='user': the L2 bound S of the whole item update (the sensitivity)
+    head_size: int = 0  # items whose rows train (shared/head.py), sent beside the tables; 0 = the whole catalogue
+    head_sha256: str = ""  # digest of those ids ('' with head_size 0): signed into a secure sum's session
 
     def __post_init__(self) -> None:
         low, high = SCALE_RANGE
@@ -73,6 +75,9 @@ class LocalTrainingPlan:
             # distributed: one item step, after user-row steps with their own (local) noise
             "steps": self.steps >= 1 and (self.privacy != "distributed" or self.steps == 1),
             "user_steps": self.user_steps >= 0 and (self.privacy != "distributed" or self.user_steps >= 1),
+            "head_size": self.head_size >= 0,
+            "head_sha256": (len(self.head_sha256) == 64 and all(ch in "0123456789abcdef" for ch in self.head_sha256))
+                           if self.head_size else self.head_sha256 == "",
             "update_clip": (MIN_CLIP_NORM <= self.update_clip <= MAX_LR) if self.privacy == "user"
                            else self.update_clip == 0,
         }
@@ -96,6 +101,10 @@ class LocalTrainingPlan:
 
     def to_config(self) -> dict[str, Any]:
         return {k.replace("_", "-"): v for k, v in asdict(self).items()}
+
+    def trained_items(self, num_items: int) -> int:
+        """Rows of the item tables this plan trains (and a device's update carries)."""
+        return self.head_size or num_items
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> LocalTrainingPlan:

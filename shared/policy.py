@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from .config import RunConfig
+from .config import RunConfig, unknown_keys_message
 from .memory import training_memory_bytes
 from .privacy.accounting import HistoryEntry
 
@@ -107,7 +107,8 @@ class PrivacyPolicy:
         fields = {_key(f.name): f for f in dataclasses.fields(cls)}
         unknown = sorted(set(mapping) - set(fields))
         if unknown:
-            raise PolicyError(f"{source}: unknown privacy policy key(s) {unknown}; known keys are {sorted(fields)}")
+            raise PolicyError(unknown_keys_message(source, unknown, fields, what="privacy policy key",
+                                                   listing="fedrec config --policy"))
         values = {fields[k].name: _coerce(fields[k].default, k, v, source) for k, v in mapping.items()}
         try:
             return cls(**values)
@@ -142,6 +143,12 @@ class PrivacyPolicy:
     @classmethod
     def help_texts(cls) -> dict[str, str]:
         return {_key(f.name): f.metadata["help"] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def describe(cls) -> list[dict[str, Any]]:
+        """Every policy key with its default, value type and help (as from_mapping parses them)."""
+        return [{"key": _key(f.name), "default": f.default, "allowed": _kind(f.default), "help": f.metadata["help"]}
+                for f in dataclasses.fields(cls)]
 
     def to_mapping(self) -> dict[str, Any]:
         return {_key(f.name): getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -181,6 +188,9 @@ class PrivacyPolicy:
         if any(not q <= self.max_sample_rate for _, q, _ in plan.privacy_steps()):
             return "max-sample-rate"
         if sum(steps for _, _, steps in plan.privacy_steps()) > self.max_steps:
+            return "max-steps"
+        # user mode: one accounted release whatever the local steps, which still bound the work a plan can demand
+        if getattr(plan, "steps", 0) + getattr(plan, "user_steps", 0) > self.max_steps:
             return "max-steps"
         return ""
 
@@ -234,6 +244,11 @@ def _is_key_hex(text: str) -> bool:
 
 def _key(name: str) -> str:
     return name.replace("_", "-")
+
+
+def _kind(default: Any) -> str:
+    """The type _coerce accepts for a key with this default; the ranges are checked in __post_init__."""
+    return {bool: "true or false", int: "integer", float: "number", str: "text"}[type(default)]
 
 
 def _coerce(default: Any, key: str, value: Any, source: str) -> Any:

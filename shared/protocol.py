@@ -45,6 +45,7 @@ POPULARITY_MESSAGE = "train.popularity"
 
 EMBEDDING, BIAS = "item-embedding", "item-bias"
 EMBEDDING_DELTA, BIAS_DELTA = "item-embedding-delta", "item-bias-delta"
+HEAD, HEAD_ITEMS = "head", "head-items"  # the item ids a round trains (shared/head.py), beside the tables
 DEVICE_IDS = "device-ids"
 COHORT = "cohort"
 DELTA_CLIP = "delta-clip-norm"
@@ -85,6 +86,29 @@ def tables_from_arrays(arrays: Mapping[str, np.ndarray]) -> ItemTables:
         if not np.all(np.abs(values) <= MAX_TABLE_ABS):
             raise ProtocolError(f"tables: '{name}' holds values that are not finite or exceed {MAX_TABLE_ABS:g}")
     return ItemTables(embedding=emb, bias=bias)
+
+
+def head_to_arrays(head: np.ndarray) -> dict[str, np.ndarray]:
+    return {HEAD_ITEMS: np.ascontiguousarray(head, dtype=np.int64)}
+
+
+def head_from_arrays(arrays: Mapping[str, np.ndarray] | None, *, size: int, digest: str,
+                     num_items: int) -> np.ndarray | None:
+    """The head a training plan names (None: the whole catalogue trains), checked against the plan's size and
+    digest; a head sent with a plan that names none, or missing where it names one, is refused."""
+    if size == 0:
+        if arrays is not None:
+            raise ProtocolError("head: sent with a plan whose head-size is 0")
+        return None
+    if arrays is None:
+        raise ProtocolError(f"head: the plan names {size} items but none were sent")
+    _expect_keys(arrays, (HEAD_ITEMS,), "head")
+    from .head import check_head
+
+    try:
+        return check_head(arrays[HEAD_ITEMS], size=size, digest=digest, num_items=num_items)
+    except ValueError as err:
+        raise ProtocolError(str(err)) from None
 
 
 def delta_to_arrays(embedding_delta: np.ndarray, bias_delta: np.ndarray) -> dict[str, np.ndarray]:

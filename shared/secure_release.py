@@ -20,7 +20,8 @@ from .popularity import PopularityPlan
 
 
 def update_dimension(plan: LocalTrainingPlan, num_items: int, dim: int) -> int:
-    return num_items * (dim + (1 if plan.train_biases else 0))
+    """Coordinates of one update: the trained rows (the plan's head, or all `num_items`) x (dim + bias)."""
+    return plan.trained_items(num_items) * (dim + (1 if plan.train_biases else 0))
 
 
 def training_mechanism(plan: LocalTrainingPlan, num_items: int, dim: int, t_min: int,
@@ -52,7 +53,9 @@ def update_vector(plan: LocalTrainingPlan, embedding_delta: np.ndarray, bias_del
 
 def split_update(plan: LocalTrainingPlan, vector: np.ndarray, num_items: int,
                  dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """A decoded (summed) vector back to (embedding [n, d], bias [n]) deltas (bias zeros if biases do not train)."""
+    """A decoded (summed) vector back to (embedding [n, d], bias [n]) deltas (bias zeros if biases do not train), n the
+    rows the plan trains."""
+    num_items = plan.trained_items(num_items)
     embedding = vector[: num_items * dim].reshape(num_items, dim)
     bias = vector[num_items * dim:] * plan.bias_scale if plan.train_biases else np.zeros(num_items)
     return embedding.astype(np.float64), np.asarray(bias, dtype=np.float64)

@@ -56,6 +56,10 @@ class DeviceState:
     # (t, c) of every secure sum it committed to, by round: what it accounted with, for the audit
     secure_sums: tuple[tuple[int, int, int], ...] = ()
     not_user_level: bool = False  # it once made a release without a user-level guarantee: user-level epsilon inf
+    # Every record-level release so far was a plain Gaussian mechanism at its listed multiplier (local mode: no secure
+    # sum's Skellam noise mapped to a Gaussian through RDP), so the exact accountant applies (privacy/accounting.py).
+    # False for states written before the flag existed: they keep RDP.
+    gaussian_record: bool = True
     # The user row that 'user' mode fits without noise. Kept apart from `user_row` (fitted only by accounted,
     # noised steps): a record-level round must never start from a row fitted exactly to the device's data,
     # whose records would then move every example's gradient, beyond the sensitivity the accountant assumes.
@@ -78,6 +82,7 @@ class DeviceState:
             "user_honest_history": [list(h) for h in self.user_honest_history],
             "secure_sums": [list(s) for s in self.secure_sums],
             "not_user_level": self.not_user_level,
+            "gaussian_record": self.gaussian_record,
             "user_row_exact": None if self.user_row_exact is None else [float(x) for x in self.user_row_exact],
         }
 
@@ -145,7 +150,8 @@ def _unseal(raw: bytes, *, source: str) -> tuple[int | None, DeviceState]:
             honest_history=tuple(normalize_history(payload["honest_history"])),
             user_honest_history=tuple(normalize_history(payload["user_honest_history"])),
             secure_sums=tuple((int(r), int(t), int(c)) for r, t, c in payload["secure_sums"]),
-            not_user_level=bool(payload["not_user_level"]))
+            not_user_level=bool(payload["not_user_level"]),
+            gaussian_record=bool(payload.get("gaussian_record", False)))
     except StateError:
         raise
     except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError, OverflowError,

@@ -1,5 +1,5 @@
-"""The `fedrec` command: simulate, prepare, audit, report, bench, deploy-local; `enrol` (the operator's
-credentials) and `device` (run on a device: status, recommend, keygen)."""
+"""The `fedrec` command: simulate, prepare, audit, report, bench, deploy-local, catalogue; `enrol` (the operator's
+credentials) and `device` (run on a device: prepare, status, recommend, keygen)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from typing import Any
 from fedrec.shared.config import PRIVACY_MODES, ConfigError, RunConfig
 from fedrec.shared.data.interactions import DataError
 from fedrec.shared.state import StateError
+
+from .config_help import config_help, format_config_keys, show_defaults
 
 log = logging.getLogger("fedrec")
 
@@ -77,7 +79,7 @@ DATA_FLAGS = {"columns": "columns", "separator": "separator", "encoding": "encod
 
 
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
-    help_of = RunConfig.help_texts()
+    help_of = config_help()
     parser.add_argument("--columns", help=help_of["columns"])
     parser.add_argument("--separator", help=help_of["separator"])
     parser.add_argument("--encoding", help=help_of["encoding"])
@@ -97,7 +99,7 @@ def data_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from fedrec.shared.data.loaders import load_dataset
-    from fedrec.shared.data.prepare import PrepareSettings, prepare_log
+    from fedrec.shared.data.prepare import PrepareSettings, check_output_folder, prepare_log
     from fedrec.shared.data.prepared import SERVER_FOLDER, refuse_inside_flower_app
 
     config = RunConfig.from_mapping({"dataset": args.dataset, "data-path": args.data_path, **data_overrides(args)},
@@ -106,7 +108,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                                device_files=not args.no_device_files)
     out = Path(args.out)
     refuse_inside_flower_app(out, "--out")  # before reading the raw data: fail fast
-    stats = prepare_log(load_dataset(config), out, dataset=args.dataset, settings=settings)
+    check_output_folder(out, replace=args.replace)
+    stats = prepare_log(load_dataset(config), out, dataset=args.dataset, settings=settings, replace=args.replace)
     print(f"prepared {stats['devices']} devices, {stats['items']} items, {stats['events']} events in {out}; "
           f"the server's folder (catalogue and manifest only) is {out / SERVER_FOLDER}")
     return 0
@@ -120,21 +123,21 @@ def cmd_audit(args: argparse.Namespace) -> int:
     if not args.run_dir and not args.attacks:
         raise ConfigError("fedrec audit: give a RUN_DIR to audit, --attacks, or both")
     result: dict = {}
+    attacks: dict | None = None
+    if args.attacks:  # first, so the audit's report can include RUN/audit-attacks.json
+        from .attacks import ATTACKS_FILE, attack_federation, attack_report
+
+        config, from_run = attack_federation(args.run_dir, parse_run_config(args.run_config or []))
+        attacks = attack_report(config, from_audited_run=from_run)
+        where = Path(args.run_dir) if args.run_dir else Path(args.out or "audit-attacks")
+        where.mkdir(parents=True, exist_ok=True)
+        (where / ATTACKS_FILE).write_text(dumps(attacks, indent=2) + "\n", encoding="utf-8")
+        log.info("attacks: wrote %s", where / ATTACKS_FILE)
     if args.run_dir:
         out = Path(args.out) if args.out else Path(args.run_dir) / "audit"
         result = audit(args.run_dir, tolerance=args.tolerance, out=out)
         log.info("audit %s: %d flags; wrote %s", result["verdict"], len(result["flags"]), out)
-    if args.attacks:
-        from .attacks import default_attack_config, run_attacks
-
-        config = default_attack_config()
-        overrides = parse_run_config(args.run_config or [])
-        if overrides:
-            config = RunConfig.from_mapping({**config.to_mapping(), **overrides}, source="fedrec audit --attacks")
-        attacks = run_attacks(config)
-        out = Path(args.out or (Path(args.run_dir) / "audit" if args.run_dir else "audit-attacks"))
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "attacks.json").write_text(dumps(attacks, indent=2) + "\n", encoding="utf-8")
+    if attacks is not None:
         result = {**result, "attacks": attacks} if args.run_dir else attacks
     if args.json:
         print(dumps(result, indent=2))
@@ -146,21 +149,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 def format_audit(result: dict, *, attacks_only: bool) -> str:
     lines = []
-    if not attacks_only:
-        lines.append(f"privacy audit: {result['verdict'].upper()} - {result['devices']} devices, epsilon max reported "
-                     f"{result['epsilon_max_reported']:.4f}, recomputed {result['epsilon_max_recomputed']:.4f} "
-                     f"(PLD {result['epsilon_max_recomputed_pld']:.4f}), largest relative difference "
-                     f"{result['max_relative_diff']:.1e}, {len(result['over_budget'])} over budget, "
-                     f"{len(result['flags'])} flags")
-        lines += [f"  {f['severity']}: {f['message']}" for f in result["flags"][:20]]
+    if not attacks_only:  # every figure by unit and threat, then the flags
+        from fedrec.server.audit_report import verdict_lines
+
+        lines += verdict_lines(result)
     attacks = result if attacks_only else result.get("attacks")
     if attacks:
-        inference, canary = attacks["item_inference"], attacks["canary"]
-        lines.append(f"item inference AUC: {inference['dp']['auc']:.3f} with DP, {inference['no_dp']['auc']:.3f} "
-                     f"without (0.5 = chance)")
-        lines.append(f"canary audit: empirical epsilon lower bound {canary['epsilon_lower_bound']:.2f} with DP "
-                     f"(accountant {canary['epsilon_accountant']:.2f}), {canary['no_dp']['epsilon_lower_bound']:.2f} "
-                     f"without DP ({canary['correct']}/{canary['guesses']} correct guesses with DP)")
+        from .attacks import format_attacks
+
+        lines += format_attacks(attacks)
     return "\n".join(lines)
 
 
@@ -202,7 +199,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 
 def cmd_device_status(args: argparse.Namespace) -> int:
-    from fedrec.client.recommend import device_status, format_status
+    from fedrec.client.status import device_status, format_status
     from fedrec.server.records import dumps
 
     if bool(args.state_path) == bool(args.state_dir):
@@ -214,6 +211,47 @@ def cmd_device_status(args: argparse.Namespace) -> int:
                            state_dir=Path(args.state_dir) if args.state_dir else None, device_id=args.device_id,
                            policy_path=Path(args.policy) if args.policy else None)
     print(dumps(status, indent=2) if args.json else format_status(status))
+    return 0
+
+
+def cmd_device_prepare(args: argparse.Namespace) -> int:
+    from fedrec.shared.data.catalogue import Catalogue
+    from fedrec.shared.data.device_log import DevicePrepareSettings, prepare_device_log
+    from fedrec.shared.data.loaders import load_dataset
+
+    if args.min_item_users is not None:
+        raise ConfigError("fedrec device prepare: --min-item-users counts devices per item, which one device cannot "
+                          "see; its items outside the catalogue are dropped instead (the operator's catalogue, from "
+                          "public metadata, decides which items exist)")
+    config = RunConfig.from_mapping({"dataset": args.dataset, "data-path": args.data_path, **data_overrides(args)},
+                                    source="fedrec device prepare")
+    catalogue = Catalogue.read_csv(Path(args.catalogue))  # before the log: a wrong catalogue fails fast
+    stats = prepare_device_log(load_dataset(config), catalogue, Path(args.out), settings=DevicePrepareSettings(
+        min_user_items=config.min_user_items, user=args.user, replace=args.replace))
+    print(f"wrote {args.out}: {stats['events']} events on {stats['items']} catalogue items; dropped "
+          f"{stats['events_outside_catalogue']} events of {stats['items_outside_catalogue']} items outside the "
+          f"catalogue, merged {stats['duplicates_merged']} repeats"
+          + (f", left out {stats['events_of_other_users']} events of other users" if args.user else "")
+          + f"\nits SuperNode's node config: data-path=\"{Path(args.out).resolve()}\" "
+          f"catalogue-path=\"{Path(args.catalogue).resolve()}\"")
+    return 0
+
+
+def cmd_catalogue(args: argparse.Namespace) -> int:
+    from fedrec.shared.data.prepared import CATALOGUE, write_server_folder
+    from fedrec.shared.data.public_catalogue import parse_metadata_columns, read_item_metadata
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out}: exists and is not an empty folder; the server folder holds only the "
+                          "catalogue and its manifest: choose a new folder")
+    separator = {"\\t": "\t", "tab": "\t"}.get(args.separator, args.separator)
+    catalogue = read_item_metadata(Path(args.items), parse_metadata_columns(args.columns), separator=separator,
+                                   encoding=args.encoding)
+    write_server_folder(out, catalogue, dataset=args.name)
+    print(f"wrote {out / CATALOGUE} ({catalogue.num_items} items, from public metadata only) and its manifest: "
+          f"{out} is the server's data-path; ship {out / CATALOGUE} to every device (fedrec device prepare "
+          "--catalogue)")
     return 0
 
 
@@ -275,8 +313,7 @@ def cmd_enrol_node_key(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy_local(args: argparse.Namespace) -> int:
-    from .deploy import deploy_local
-    from .runner import format_table
+    from .deploy import deploy_local, format_deployment
 
     mapping = parse_run_config(args.run_config or [])
     mapping.update({k: v for k, v in (("devices", args.devices), ("rounds", args.rounds),
@@ -286,17 +323,61 @@ def cmd_deploy_local(args: argparse.Namespace) -> int:
         # one SuperNode per device: 0 means every device of a prepared folder, but a synthetic one has no 'every'
         raise ConfigError(f"--devices {args.devices}: a synthetic deployment needs at least 1")
     mapping.setdefault("devices-per-round", args.devices or RunConfig.devices_per_round)
-    summary = deploy_local(RunConfig.from_mapping(mapping, source="deploy-local"), Path(args.out))
-    print(format_table(summary))
+    config = RunConfig.from_mapping(mapping, source="deploy-local")
+    if args.print_commands:
+        from .recipe import deployment_recipe, format_recipe
+
+        print(format_recipe(deployment_recipe(config, Path(args.out)), Path(args.out)))
+        return 0
+    print(format_deployment(deploy_local(config, Path(args.out))))
+    return 0
+
+
+class _VersionAction(argparse.Action):
+    """`fedrec --version`: the versions are read only when asked (package metadata costs ~0.1 s)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any) -> None:
+        from fedrec.shared.provenance import version_text
+
+        print(version_text())
+        parser.exit()
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    from fedrec.shared.policy import PrivacyPolicy
+
+    run_config, policy = not args.policy or args.run_config, not args.run_config or args.policy
+    known = {d["key"] for d in RunConfig.describe()} | {d["key"] for d in PrivacyPolicy.describe()}
+    unknown = sorted(set(args.keys) - known)
+    if unknown:
+        from fedrec.shared.config import unknown_keys_message
+
+        raise ConfigError(unknown_keys_message("fedrec config", unknown, sorted(known)))
+    if args.json:
+        import json
+
+        out = {}
+        if run_config:
+            out["run_config"] = [d for d in RunConfig.describe() if not args.keys or d["key"] in args.keys]
+        if policy:
+            out["policy"] = [d for d in PrivacyPolicy.describe() if not args.keys or d["key"] in args.keys]
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_config_keys(run_config=run_config, policy=policy, keys=args.keys))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated recommender with differential privacy.")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print fedrec's version and its privacy-relevant dependencies', and exit")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--verbose", "-v", action="store_true", help="also show Flower's and Ray's logs")
     sub = parser.add_subparsers(dest="command", required=True)
-    help_of = RunConfig.help_texts()
+    help_of = config_help()
 
     sim = sub.add_parser("simulate", parents=[common], help="run a federated simulation and print the result table")
     sim.add_argument("--dataset", help=help_of["dataset"])
@@ -323,8 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", parents=[common], help="recompute and check a run's privacy claims; attack checks")
     audit.add_argument("run_dir", nargs="?", help="a run directory (its ledger and config are audited)")
     audit.add_argument("--attacks", action="store_true",
-                       help="also run the empirical checks (item inference, canary membership) on a small synthetic "
-                            "federation (minutes)")
+                       help="also run the empirical attacks of the run's privacy mode on a federation with the "
+                            "audited run's settings (without RUN_DIR: a small synthetic one; --run-config overrides); "
+                            "writes RUN/audit-attacks.json (minutes)")
     audit.add_argument("--json", action="store_true", help="print the machine-readable verdict")
     audit.add_argument("--out", help="where to write audit.md/json, plots (default RUN_DIR/audit)")
     audit.add_argument("--tolerance", type=float, default=1e-3,
@@ -379,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     dep.add_argument("--out", required=True, help="folder for data, credentials, device state, logs and the run")
     dep.add_argument("--privacy", choices=PRIVACY_MODES, help=help_of["privacy"])
     dep.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS", help="more settings")
+    dep.add_argument("--print-commands", action="store_true",
+                     help="print the commands each machine of a real deployment runs (enrolment authority, "
+                          "SuperLink, each device, the run), in order, with its inputs written under --out, and exit")
     dep.set_defaults(func=cmd_deploy_local)
 
     enrol = sub.add_parser("enrol", help="operator credentials: the enrolment authority, device certificates, the "
@@ -431,6 +516,19 @@ def build_parser() -> argparse.ArgumentParser:
                                         "authority (fedrec enrol device --public-key)")
     keygen.add_argument("--out", required=True, help="folder for device.key (0600) and device.pub")
     keygen.set_defaults(func=cmd_device_keygen)
+    dprep = device_sub.add_parser("prepare", parents=[common],
+                                  help="turn this device's own raw log into its training file (its SuperNode's "
+                                       "data-path), against the federation's public catalogue")
+    dprep.add_argument("--dataset", default="csv", help="the log's format: csv (default, with --columns) | "
+                                                        "movielens | taobao | retailrocket | counts")
+    dprep.add_argument("--data-path", "--log", required=True, dest="data_path",
+                       help="the device's own raw log (CSV or Parquet)")
+    dprep.add_argument("--catalogue", required=True, help="the federation's public catalogue.csv (fedrec catalogue)")
+    dprep.add_argument("--out", required=True, help="the training file to write, e.g. STATE_DIR/events.csv")
+    dprep.add_argument("--user", help="the device's own user id in the log, where the log holds several users'")
+    dprep.add_argument("--replace", action="store_true", help="write the training file again from a newer log")
+    add_data_flags(dprep)
+    dprep.set_defaults(func=cmd_device_prepare)
     for name, parent, help_text in (
             ("recommend", device_sub, "on a device: its top-K items from the latest item model it received (titles "
                                       "where the catalogue has them)"),
@@ -451,8 +549,31 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "per device, catalogue.csv, server/ for the server, and the "
                                                    "simulation's arrays")
     prep.add_argument("--no-device-files", action="store_true", help="skip devices/<index>.csv (simulation only)")
+    prep.add_argument("--replace", action="store_true", help="--out holds an earlier preparation: replace it whole "
+                                                             "(without it, a non-empty --out is refused)")
     add_data_flags(prep)
     prep.set_defaults(func=cmd_prepare)
+
+    cat = sub.add_parser("catalogue", parents=[common],
+                         help="operator: the public catalogue and the server's folder from item metadata alone "
+                              "(ids, titles, categories), without anyone's log")
+    cat.add_argument("--items", required=True, help="CSV of item metadata with a header (e.g. MovieLens movies.csv)")
+    cat.add_argument("--columns", required=True,
+                     help="ROLE=COLUMN pairs, roles item (required), title, category: e.g. "
+                          "item=movieId,title=title,category=genres")
+    cat.add_argument("--separator", default=",", help="field separator of the file (default ',')")
+    cat.add_argument("--encoding", default="utf-8", help="text encoding of the file (default utf-8)")
+    cat.add_argument("--name", default="catalogue", help="the data set's name in the manifest (default catalogue)")
+    cat.add_argument("--out", required=True, help="the server's folder to create: catalogue.csv and manifest.json")
+    cat.set_defaults(func=cmd_catalogue)
+    conf = sub.add_parser("config", parents=[common], help="list every run-config key and device policy key: "
+                                                           "default, allowed values, help (the parsers' definitions)")
+    conf.add_argument("keys", nargs="*", metavar="KEY", help="only these keys")
+    conf.add_argument("--policy", action="store_true", help="only the device policy keys")
+    conf.add_argument("--run-config", action="store_true", help="only the run-config keys")
+    conf.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    conf.set_defaults(func=cmd_config)
+    show_defaults(parser)
     return parser
 
 
@@ -483,8 +604,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, StateError) as err:
         log.error("%s", err)
         return 2
-    except KeyboardInterrupt:
-        log.error("interrupted")
+    except KeyboardInterrupt as err:  # Ctrl-C; a simulation says how to resume (runner.RunInterrupted)
+        log.error("%s", err or "interrupted")
         return 130
 
 

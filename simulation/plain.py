@@ -92,7 +92,9 @@ def run_plain(config: RunConfig, *, engine: str | None = None, population: Popul
     nodes = nodes or node_count(config.replace(simulation_engine=engine), population.num_devices)
     devices = build_devices(config, population)
     randomness = ServerRandomness.seeded(config.seed)  # a simulation: reproducible, as a fresh Flower run (attempt 0)
-    server = ItemModelServer(config, initial_tables(config, population.catalogue()))
+    catalogue = population.catalogue()
+    server = ItemModelServer(config, initial_tables(config, catalogue),
+                             list(catalogue.categories) if catalogue.categories else None)
     result = PlainResult(tables=server.tables, noise_multiplier=noise_multiplier_for(config, len(devices)))
     server.follow_noise(result.noise_multiplier, len(devices))
     prior = popularity_plan(config)
@@ -111,7 +113,7 @@ def run_plain(config: RunConfig, *, engine: str | None = None, population: Popul
         started = time.perf_counter()
         chosen = sample_devices(devices, config.devices_per_round, rng=randomness.for_round(server_round, 0, TRAIN_SALT),
                                 poisson=config.device_sampling == "poisson")
-        plan = round_plan(config, server_round, result.noise_multiplier)
+        plan = round_plan(config, server_round, result.noise_multiplier, server.head)
         if secure:  # the server sees sums only: nothing per device to observe
             trained = _secure_round(config, plan, chosen, devices, nodes, server, result)
             if observe is not None:
@@ -119,20 +121,22 @@ def run_plain(config: RunConfig, *, engine: str | None = None, population: Popul
             result.round_seconds.append(time.perf_counter() - started)
             result.round_trained.append(trained)
             continue
-        total = PartialSum.zeros(population.num_items, config.embedding_dim)
-        bound = update_bound(config, plan, population.num_items, config.embedding_dim)
+        trained = plan.trained_items(population.num_items)
+        total = PartialSum.zeros(trained, config.embedding_dim)
+        bound = update_bound(config, plan, trained, config.embedding_dim)
         seen: dict = {}
         for group in _by_node(chosen, devices, nodes):
-            node_sum = PartialSum.zeros(population.num_items, config.embedding_dim)
+            node_sum = PartialSum.zeros(trained, config.embedding_dim)
             if observe is None:  # as a node does: each update clipped into the node's sum as its cohort finishes
                 _collect(group, train_devices([devices[d] for d in group], plan, server.tables, into=node_sum,
-                                              delta_clip=bound), result)
+                                              delta_clip=bound, head=server.head), result)
             else:
-                updates = _collect(group, train_devices([devices[d] for d in group], plan, server.tables), result)
+                updates = _collect(group, train_devices([devices[d] for d in group], plan, server.tables,
+                                                        head=server.head), result)
                 for device in group:
                     if device in updates:
                         node_sum.add(updates[device], clip=bound)
-                seen.update(updates)
+                seen.update({d: server.scatter(*u) for d, u in updates.items()})  # in catalogue rows
             total.merge(as_sent(node_sum))
         if observe is not None:
             observe(server_round, seen)
@@ -191,7 +195,8 @@ def _secure_round(config: RunConfig, plan: LocalTrainingPlan, chosen: list[str],
     mechanism = training_mechanism(plan, tables.num_items, tables.dim, t_min, colluders)
     decoded, shares = _modelled_sum(groups, devices, mechanism, plan.server_round,
                                     lambda members, grid: train_devices(members, plan, tables, secure=grid,
-                                                                        t_min=t_min, colluders=colluders), result)
+                                                                        t_min=t_min, colluders=colluders,
+                                                                        head=server.head), result)
     if decoded is not None:
         embedding, bias = split_update(plan, decoded, tables.num_items, tables.dim)
         server.apply_sum(embedding, bias, shares=shares, noise_std=mechanism.sum_noise_std(shares),

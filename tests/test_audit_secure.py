@@ -248,3 +248,18 @@ def test_the_summary_states_the_three_figures_beside_each_other(tmp_path):
     audit = audit_run(tmp_path / "run")["secure_aggregation"]
     for name in ("honest", "malicious", "subverted"):
         assert audit[f"epsilon_max_{name}_recomputed"] == pytest.approx(record[f"epsilon_max_{name}"], rel=1e-3)
+
+
+@pytest.mark.parametrize("second, repeated", [([3, 4, 5], False), ([2, 3, 4], True)])
+def test_sums_of_one_round_over_disjoint_groups_are_not_a_repeated_round(tmp_path, second, repeated):
+    # A secure popularity round is cut into sums over disjoint groups of devices, one attempt each: only an attempt
+    # that asks a device again (a round re-run after a resume) is a repeat.
+    write_honest_run(tmp_path / "run", sigma=SIGMA, rounds=2, participation=[[0, 1, 2], second],
+                     privacy="distributed", t_min=2, colluders=0)
+
+    def as_second_sum_of_round_one(entries: list[dict]) -> None:
+        for entry in entries:
+            if entry["round"] == 2:
+                entry["round"], entry["attempt"] = 1, 1
+    rewrite(tmp_path / "run", as_second_sum_of_round_one)
+    assert ("round_repeated" in codes(audit_run(tmp_path / "run"))) is repeated

@@ -14,8 +14,9 @@ POSITIVE = ("startup_s", "first_round_s", "flower_round_s", "plain_round_s", "ra
             "bytes_per_request_down", "messages_up_per_round", "bytes_up_per_round")
 
 
-@pytest.mark.parametrize("mode_flags, privacy, word", [(["--dp"], "local", 4), (["--privacy", "distributed"],
-                                                                                   "distributed", 8)])
+@pytest.mark.parametrize("mode_flags, privacy, word", [(["--dp"], "local", 4),
+                                                       pytest.param(["--privacy", "distributed"], "distributed", 8,
+                                                                    marks=pytest.mark.e2e)])
 def test_bench_tiny_cell(tmp_path, capsys, mode_flags, privacy, word):
     argv = ["bench", "--devices-per-round", "5", "--population", "20", "--items", "50", "--dim", "8", *mode_flags,
             "--rounds", "2", "--json", "--out", str(tmp_path)]

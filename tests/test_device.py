@@ -31,7 +31,7 @@ def device(path, budget=8.0, device_id="dev-a", **policy):
 def test_declines_exactly_when_the_next_round_would_exceed_the_budget(tmp_path):
     sigma = 2.0  # two blocks per round: one user step at 2 sigma, one item step at sigma
     per_round = [(sigma, 1.0, 1), (2 * sigma, 1.0, 1)]
-    eps = [epsilon([(s, q, n * r) for s, q, n in per_round], delta=1e-5) for r in (1, 2, 3)]
+    eps = [epsilon([(s, q, n * r) for s, q, n in per_round], delta=1e-5, exact_gaussian=True) for r in (1, 2, 3)]
     d = device(tmp_path / "s.json", budget=(eps[1] + eps[2]) / 2)  # room for exactly two rounds
     outcomes = [d.train(plan(server_round=r, noise_multiplier=sigma, user_noise_multiplier=2 * sigma), tables())
                 for r in (1, 2, 3, 4)]
@@ -64,7 +64,7 @@ def test_state_survives_a_new_device_object(tmp_path):
     expected = tuple(sorted(((p.noise_multiplier, 1.0, 2), (p.user_noise_multiplier, 1.0, 2 * p.user_steps))
                             if (p := plan()).user_steps else ((p.noise_multiplier, 1.0, 2),)))
     assert state.rounds == (1, 2) and tuple(sorted(state.history)) == expected
-    assert outcome.epsilon == pytest.approx(epsilon(list(expected), delta=1e-5))
+    assert outcome.epsilon == pytest.approx(epsilon(list(expected), delta=1e-5, exact_gaussian=True))  # local mode
     assert not np.array_equal(state.user_row, row)  # training continued from the stored row
 
 
@@ -95,7 +95,7 @@ def test_an_evaluation_release_is_noised_and_charged(tmp_path):
     outcome, metrics = d.evaluate(eval_plan, tables())
     assert set(metrics) == {"hr@10", "ndcg@10", "recall@20"}  # the sampled protocol stays central
     assert FileStateStore(tmp_path / "s.json").load().history == ((5.0, 1.0, 1),)
-    assert outcome.epsilon == pytest.approx(epsilon([(5.0, 1.0, 1)], delta=1e-5))
+    assert outcome.epsilon == pytest.approx(epsilon([(5.0, 1.0, 1)], delta=1e-5, exact_gaussian=True))
     assert not all(0.0 <= v <= 1.0 for v in metrics.values()) or eval_plan.metric_std > 1  # noise of std 8.7
 
 
@@ -109,8 +109,11 @@ def test_an_evaluation_that_fails_after_admission_is_charged(tmp_path, monkeypat
 
     monkeypatch.setattr(device_module, "refit_user_row", out_of_memory)
     d = device(tmp_path / "s.json")
-    with pytest.raises(MemoryError):
-        d.evaluate(EvaluationPlan(server_round=1, dp=True, noise_multiplier=5.0, delta=1e-5, refit_l2=1.0), tables())
+    plan = EvaluationPlan(server_round=1, dp=True, noise_multiplier=5.0, delta=1e-5, refit_l2=1.0)
+    # Whether it fails can depend on the data (the re-fit grows with the log): never an error, but a release of
+    # noised zero metrics, the same reply as a success (a review found the error reply told the two apart).
+    outcome, metrics = d.evaluate(plan, tables())
+    assert not outcome.declined and set(metrics) == {"hr@10", "ndcg@10", "recall@20"}
     assert FileStateStore(tmp_path / "s.json").load().history == ((5.0, 1.0, 1),)
 
 

@@ -158,6 +158,7 @@ print(len(raw), (after - before) * 1024)
 """
 
 
+@pytest.mark.e2e
 def test_a_large_log_streams_in_bounded_memory(tmp_path):
     """1.5M rows (~50 MB): reading them must grow the process by a small multiple of the file, not 10x."""
     rng = np.random.default_rng(0)

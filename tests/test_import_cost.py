@@ -58,6 +58,7 @@ def test_the_modules_a_message_needs_import_no_torch_opacus_scipy_or_pandas():
     assert [(name, heavy) for name, heavy in loaded if heavy] == []
 
 
+@pytest.mark.e2e
 @pytest.mark.filterwarnings("ignore:Optimal order is the")
 def test_the_torch_free_accountant_equals_opacus():
     """q = 1 (closed form, no Opacus) and the conversion to epsilon, against Opacus's own accountant."""
@@ -133,6 +134,7 @@ def test_training_loads_opacus_without_its_package_init_and_the_same_samplers():
     assert "Embedding" in lean[1]
 
 
+@pytest.mark.e2e
 def test_a_deferred_opacus_package_runs_its_init_on_first_use():
     """Anything that later needs the rest of Opacus in the same process gets it, as from a plain import."""
     got = _fresh("import json\nimport fedrec.shared.training\nimport opacus\n"
@@ -148,6 +150,7 @@ def test_a_deferred_opacus_package_runs_its_init_on_first_use():
         _fresh("import fedrec.shared.training, opacus\nopacus.no_such_name")
 
 
+@pytest.mark.e2e
 def test_a_deferred_opacus_init_that_fails_is_run_again_and_threads_wait_for_it():
     """As with a plain import: a failed __init__ leaves the package importable later, and a thread that reads the
     package while another runs its __init__ waits for it instead of seeing half a module."""

@@ -211,3 +211,15 @@ def test_an_evaluation_budgeted_at_the_user_level_is_refused_where_user_level_is
     plan = EvaluationPlan(server_round=1, dp=True, noise_multiplier=5.0, delta=1e-5, refit_l2=1.0, unit="user")
     assert PrivacyPolicy(allowed_modes="local,distributed").refusal(plan) == "allowed-modes"
     assert PrivacyPolicy().refusal(plan) == ""
+
+
+def test_a_user_level_plan_cannot_demand_unbounded_local_steps():
+    # One accounted release whatever the local steps, but the steps still bound the work (and the timing) a
+    # server can demand: a review sent steps = user_steps = 10**9 and the device accepted.
+    from tests.helpers import plan
+
+    huge = plan(privacy="user", dp=True, update_clip=1.0, steps=10**9, user_steps=10**9, user_noise_multiplier=0.0)
+    assert PrivacyPolicy().refusal(huge, 10, 1) == "max-steps"
+    assert PrivacyPolicy().refusal(plan(privacy="user", dp=True, update_clip=1.0, steps=2, user_steps=1,
+                                        user_noise_multiplier=0.0), 10, 1) == ""
+

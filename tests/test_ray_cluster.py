@@ -16,6 +16,8 @@ from fedrec.shared.config import RunConfig
 from fedrec.simulation import procs
 from fedrec.simulation.procs import free_port, processes_mentioning
 
+pytestmark = pytest.mark.e2e  # a Ray head and a simulation attached to it
+
 
 @pytest.fixture
 def ray_head(tmp_path):

@@ -1,4 +1,5 @@
-"""Record-level privacy accounting: RDP of the subsampled Gaussian, composed over a device's history.
+"""Record-level privacy accounting: RDP of the subsampled Gaussian, composed over a device's history (and the
+exact figure of a composition of plain Gaussian mechanisms, where a history is one).
 
 A device's history is Opacus's accountant history, ``[(noise_multiplier, sample_rate,
 steps), ...]``. RDP composes additively, so the curve of one step of each (sigma, q) is
@@ -72,12 +73,73 @@ def rdp_curve(history: Iterable[HistoryEntry]) -> np.ndarray:
     return total
 
 
-def epsilon(history: Iterable[HistoryEntry], *, delta: float) -> float:
-    """Cumulative epsilon of everything a device released, at the given delta (0.0 for no steps)."""
+def epsilon(history: Iterable[HistoryEntry], *, delta: float, exact_gaussian: bool = False) -> float:
+    """Cumulative epsilon of everything a device released, at the given delta (0.0 for no steps).
+
+    `exact_gaussian`: every entry is a Gaussian mechanism of L2 sensitivity 1 at its listed multiplier (local
+    mode: no Skellam noise mapped to a Gaussian through RDP). Where every step also has q = 1, the exact figure of
+    that composition (gaussian_epsilon) is used when it is lower: both are upper bounds, RDP's is looser.
+    """
+    history = list(history)
     curve = rdp_curve(history)
     if not curve.any():
         return 0.0
-    return epsilon_from_rdp(curve, delta=delta)
+    rdp = epsilon_from_rdp(curve, delta=delta)
+    exact = gaussian_epsilon(history, delta=delta) if exact_gaussian else None
+    return rdp if exact is None else min(rdp, exact)
+
+
+# The exact figure is solved to within this (relative, plus EXACT_SLACK absolute) and then rounded up by it, so
+# floating-point error in the two terms of delta(epsilon) can only make the stated epsilon larger.
+EXACT_SLACK = 1e-9
+
+
+def gaussian_delta(eps: float, mu: float) -> float:
+    """delta(epsilon) of mu-GDP, the exact privacy profile of a Gaussian mechanism with sensitivity / sigma = mu
+    (Balle & Wang 2018, Thm. 8; Dong, Roth & Su 2022, Cor. 2.13): Phi(-eps/mu + mu/2) - e^eps Phi(-eps/mu - mu/2)."""
+    first = 0.5 * math.erfc((eps / mu - mu / 2) / math.sqrt(2))
+    tail = 0.5 * math.erfc((eps / mu + mu / 2) / math.sqrt(2))
+    second = math.exp(eps + math.log(tail)) if tail > 0 else 0.0
+    return max(0.0, first - second)
+
+
+def gaussian_epsilon(history: Iterable[HistoryEntry], *, delta: float) -> float | None:
+    """Exact epsilon of a composition of Gaussian mechanisms at q = 1 (None where any step is subsampled).
+
+    n releases at multipliers sigma_i compose exactly to one Gaussian mechanism with mu = sqrt(sum n_i / sigma_i^2)
+    (Dong, Roth & Su 2022, Cor. 3.3, adaptive composition), whose (epsilon, delta) curve is gaussian_delta: the
+    epsilon is its root, found by bisection and rounded up (EXACT_SLACK). It is the figure a PLD accountant
+    approaches from above as its discretisation is refined.
+    """
+    inverse = 0.0
+    for sigma, q, steps in history:
+        if steps == 0:
+            continue
+        if q < 1.0:
+            return None
+        if not (sigma > 0 and math.isfinite(sigma)):
+            return math.inf
+        inverse += steps / sigma**2
+    if inverse == 0.0:
+        return 0.0
+    mu = math.sqrt(inverse)
+    target = delta * (1 - EXACT_SLACK)
+    if gaussian_delta(0.0, mu) <= target:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    while gaussian_delta(hi, mu) > target:
+        lo, hi = hi, hi * 2
+        if hi > 1e6:
+            return None  # beyond any budget: leave it to RDP
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        if gaussian_delta(mid, mu) > target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= EXACT_SLACK * max(1.0, hi):
+            break
+    return hi * (1 + EXACT_SLACK) + EXACT_SLACK
 
 
 def epsilon_from_rdp(curve: np.ndarray, *, delta: float) -> float:
@@ -89,24 +151,26 @@ def epsilon_from_rdp(curve: np.ndarray, *, delta: float) -> float:
     return float(candidates.min()) if candidates.size else math.inf
 
 
-def epsilon_after(history: Sequence[HistoryEntry], round_steps: Sequence[HistoryEntry], *, delta: float) -> float:
+def epsilon_after(history: Sequence[HistoryEntry], round_steps: Sequence[HistoryEntry], *, delta: float,
+                  exact_gaussian: bool = False) -> float:
     """Epsilon the device would have after a round's steps: checked before any data is touched."""
-    return epsilon(compact_history([*history, *round_steps]), delta=delta)
+    return epsilon(compact_history([*history, *round_steps]), delta=delta, exact_gaussian=exact_gaussian)
 
 
 def calibrate_noise_multiplier(*, target_epsilon: float, delta: float, sample_rate: float, steps: int,
                                tolerance: float = 1e-3, user_steps: int = 0, user_noise_ratio: float = 1.0,
-                               fixed_history: Sequence[HistoryEntry] = ()) -> float:
+                               fixed_history: Sequence[HistoryEntry] = (), exact_gaussian: bool = False) -> float:
     """Smallest sigma (to `tolerance`) at which `steps` steps at sigma (plus `user_steps` steps at
-    user_noise_ratio * sigma), all at rate q, after `fixed_history`, stay within target_epsilon."""
-    if epsilon(fixed_history, delta=delta) >= target_epsilon:
+    user_noise_ratio * sigma), all at rate q, after `fixed_history`, stay within target_epsilon (accounted as a
+    device accounts them: `exact_gaussian` in local mode, see epsilon)."""
+    if epsilon(fixed_history, delta=delta, exact_gaussian=exact_gaussian) >= target_epsilon:
         raise ValueError(f"the fixed steps {list(fixed_history)} alone exceed epsilon {target_epsilon}")
 
     def eps(sigma: float) -> float:
         history = [*fixed_history, (sigma, sample_rate, steps)]
         if user_steps:
             history.append((user_noise_ratio * sigma, sample_rate, user_steps))
-        return epsilon(compact_history(history), delta=delta)
+        return epsilon(compact_history(history), delta=delta, exact_gaussian=exact_gaussian)
 
     lo, hi = 0.05, 1.0
     while eps(hi) > target_epsilon:
