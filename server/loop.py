@@ -131,15 +131,16 @@ class Federation:
             raise ConfigError("resume=true: device state is not durable (state-dir is empty, so simulated devices "
                               "keep it in memory and would restart with empty privacy histories); set state-dir "
                               "to the folder the run's devices wrote, or start a new run")
-        # Attempts already written ahead per (kind, round): a round run again gets the next nonce.
+        # From the ledger (read once): the attempts already written ahead per (kind, round), so a round run again
+        # gets the next nonce; and the largest epsilon any device reported so far (the round line's running maximum).
         self.attempts: dict[tuple[str, int], int] = {}
+        self.epsilon_max = 0.0
         for entry in records.read_jsonl(LEDGER):
             if entry.get("status") == "sent":
                 key = (str(entry["kind"]), int(entry["round"]))
                 self.attempts[key] = self.attempts.get(key, 0) + 1
-        # The largest epsilon any device reported so far (a resumed run starts from its ledger): the round line's.
-        self.epsilon_max = max((math.inf if e is None else float(e) for entry in records.read_jsonl(LEDGER)
-                                for e in entry.get("epsilon_reported", {}).values()), default=0.0)
+            for eps in entry.get("epsilon_reported", {}).values():
+                self.epsilon_max = max(self.epsilon_max, math.inf if eps is None else float(eps))
         self.warnings: list[str] = []
         self.idle_rounds: list[int] = []  # training rounds in which no device trained
 
