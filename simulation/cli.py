@@ -1,4 +1,4 @@
-"""The `fedrec` command: simulate, prepare, audit, report, bench, deploy-local, catalogue; `enrol` (the operator's
+"""The `fedrec` command: simulate, prepare, audit, report, scale, bench, deploy-local, catalogue; `enrol` (the operator's
 credentials) and `device` (run on a device: prepare, status, recommend, keygen)."""
 
 from __future__ import annotations
@@ -176,6 +176,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     if unknown or not modes:
         raise ConfigError(f"--privacy {args.privacy!r}: expected a comma-separated list of local, distributed, user")
     print(report(mapping, out=args.out, epsilons=epsilons, title=args.title or "", modes=modes).markdown)
+    return 0
+
+
+def cmd_scale(args: argparse.Namespace) -> int:
+    from .scale import ScaleGrid, make_scale
+
+    mapping = {**parse_run_config(args.run_config or [])}
+    for attr, key in (("rounds", "rounds"), ("devices_per_round", "devices-per-round"), ("seed", "seed"),
+                      ("items", "synthetic-items")):
+        if getattr(args, attr) is not None:
+            mapping[key] = getattr(args, attr)
+    base = RunConfig.from_mapping(mapping)
+
+    def listed(flag: str, text: str, kind: Any) -> tuple:
+        try:
+            return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
+        except ValueError:
+            raise ConfigError(f"--{flag} {text!r}: expected a comma-separated list of {kind.__name__} values") from None
+
+    grid = ScaleGrid(populations=listed("populations", args.populations, int),
+                     cohorts=listed("cohorts", args.cohorts, str), modes=listed("modes", args.modes, str),
+                     epsilons=listed("epsilons", args.epsilons, float))
+    paths = make_scale(base, grid, out=Path(args.out))
+    print(paths[0].read_text(encoding="utf-8"))
+    print(f"written: {', '.join(str(p) for p in paths)}")
     return 0
 
 
@@ -432,6 +457,22 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS", help="more settings")
     add_data_flags(report)
     report.set_defaults(func=cmd_report)
+
+    scale = sub.add_parser("scale", parents=[common], help="HR@10 against the number of devices: synthetic populations "
+                                                           "of growing size, one catalogue, per mode and epsilon")
+    scale.add_argument("--out", required=True, help="folder for scale.csv/md/json/png (a grid resumes from its csv)")
+    scale.add_argument("--populations", default="1000,10000,100000", help="population sizes (comma-separated)")
+    scale.add_argument("--cohorts", default="default,0.1",
+                       help="devices a round: 'default' (devices-per-round) and/or shares of the population")
+    scale.add_argument("--modes", default="user,distributed,local",
+                       help="privacy modes (comma-separated; 'none' adds the run without DP)")
+    scale.add_argument("--epsilons", default="1,4,8", help="per-device budgets (comma-separated)")
+    scale.add_argument("--rounds", type=int, help=help_of["rounds"])
+    scale.add_argument("--devices-per-round", type=int, help="the 'default' cohort (default: 100)")
+    scale.add_argument("--items", type=int, help=help_of["synthetic-items"])
+    scale.add_argument("--seed", type=int, help=help_of["seed"])
+    scale.add_argument("--run-config", action="append", metavar="FILE_OR_PAIRS", help="more settings")
+    scale.set_defaults(func=cmd_scale)
 
     bench = sub.add_parser("bench", parents=[common], help="time the Flower simulation against the plain loop: "
                                                            "startup, round times, per-update cost, memory, bytes")
