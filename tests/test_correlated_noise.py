@@ -69,6 +69,18 @@ def test_the_best_factorisation_for_every_round_gains_little():
     assert best_factorization_gain(1) == pytest.approx(1.0)
 
 
+@settings(max_examples=25, deadline=None)
+@given(rounds=st.integers(2, 16), seed=st.integers(0, 2**31 - 1))
+def test_the_dual_bound_holds_for_any_factorisation(rounds, seed):
+    """No factorisation, costed with the relaxed sensitivity max(trace X, 1^T X 1), gains more than the bound."""
+    rng = np.random.default_rng(seed)
+    a = prefix_matrix(rounds)
+    c = np.tril(rng.normal(size=(rounds, rounds))) + np.eye(rounds) * rng.uniform(0.5, 1 + rounds)
+    x = c.T @ c
+    cost = np.trace(a.T @ a @ np.linalg.inv(x)) * max(np.trace(x), np.ones(rounds) @ x @ np.ones(rounds))
+    assert math.sqrt(rounds * np.sum(a * a) / cost) <= best_factorization_gain(rounds) * (1 + 1e-9)
+
+
 def test_pinned_values():
     assert prefix_gain_bound(1) == pytest.approx(1.0)
     assert prefix_gain_bound(50) == pytest.approx(2.57, abs=0.005)
