@@ -1,5 +1,5 @@
-"""The `fedrec` command: simulate, prepare, audit, report, scale, bench, deploy-local, catalogue; `enrol` (the operator's
-credentials) and `device` (run on a device: prepare, status, recommend, keygen)."""
+"""The `fedrec` command: simulate, prepare, audit, report, scale, bench, deploy-local, catalogue; `enrol` (the
+operator's credentials) and `device` (run on a device: prepare, status, recommend, keygen)."""
 
 from __future__ import annotations
 
@@ -193,7 +193,8 @@ def cmd_scale(args: argparse.Namespace) -> int:
         try:
             return tuple(kind(v.strip()) for v in text.split(",") if v.strip())
         except ValueError:
-            raise ConfigError(f"--{flag} {text!r}: expected a comma-separated list of {kind.__name__} values") from None
+            raise ConfigError(f"--{flag} {text!r}: expected a comma-separated list of {kind.__name__} "
+                              "values") from None
 
     grid = ScaleGrid(populations=listed("populations", args.populations, int),
                      cohorts=listed("cohorts", args.cohorts, str), modes=listed("modes", args.modes, str),

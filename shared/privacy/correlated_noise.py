@@ -67,7 +67,8 @@ def best_factorization_gain(rounds: int) -> float:
     def negative_dual(log_multipliers: np.ndarray) -> float:
         lam, mu = np.exp(log_multipliers)
         # W = lam I + mu 1 1^T has eigenvalue lam + T mu on 1 and lam elsewhere: its root in closed form.
-        root = math.sqrt(lam) * np.eye(rounds) + (math.sqrt(lam + rounds * mu) - math.sqrt(lam)) * np.outer(one, one) / rounds
+        root = (math.sqrt(lam) * np.eye(rounds)
+                + (math.sqrt(lam + rounds * mu) - math.sqrt(lam)) * np.outer(one, one) / rounds)
         inner = np.linalg.eigvalsh(root @ m @ root)
         return -(2 * float(np.sum(np.sqrt(np.maximum(inner, 0.0)))) - lam - mu)
 
